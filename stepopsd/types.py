@@ -20,7 +20,6 @@ class Task:
     task_type: str  # short name: pick, look, clean, heat, cool, pick_two
     source: str  # path of the game file (ALFWorld) or data file
     split: str  # train, valid_seen, valid_unseen
-    goal: str  # the task sentence shown to the agent
     generated: bool
 
     @property
@@ -33,7 +32,8 @@ class Task:
 class EnvState:
     """The environment after a reset or a step, as the agent will be shown it."""
 
-    observation: str  # the engine's feedback text of the last command (the intro on reset)
+    goal: str  # the task sentence shown to the agent
+    observation: str  # the engine's feedback text of the last command (the room description on reset)
     admissible: tuple[str, ...]  # admissible commands, `help` removed
     won: bool = False
     done: bool = False  # won, step limit reached, or failed

@@ -212,6 +212,11 @@ class EnvWorkerPool:
     def live_slots(self) -> list[int]:
         return [s for s in range(self._num_slots or 0) if s not in self._dead]
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (empty in in-process mode), for monitoring."""
+        return [w.proc.pid for w in self._workers]
+
     def close(self) -> None:
         """Stop all workers (killing any that do not exit within a second). Idempotent."""
         self._closed = True
