@@ -7,7 +7,7 @@ import pytest
 
 from stepopsd.envs.alfworld.demos import DemoOptions, export_demos, main as demos_main
 from stepopsd.envs.alfworld.env import INVALID_OBSERVATION, AlfWorldEnv, load_tasks
-from stepopsd.envs.alfworld.expert import play_expert
+from stepopsd.envs.alfworld.expert import play_experts
 from stepopsd.envs.alfworld.prompts import format_response, parse_action
 
 
@@ -44,7 +44,9 @@ def test_group_of_different_games_is_refused(tasks, monkeypatch):
 
 def test_protocol_valid_invalid_win_and_step_limit(tasks):
     heat = next(t for t in tasks if t.task_type == "heat")
-    plan = play_expert(heat.source, expert="planner").steps
+    (episode,) = play_experts([(heat.source, {})], workers=1)
+    plan = episode.steps
+    assert episode.won
     with AlfWorldEnv(num_workers=0, max_steps=len(plan) + 2) as env:
         env.reset([heat], group_size=3)
         # slot 0 follows the expert plan, slot 1 writes no action block, slot 2 writes an inadmissible command

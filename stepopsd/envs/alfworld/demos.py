@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 from dataclasses import dataclass
 
 from stepopsd.envs.alfworld.env import DataNotFoundError, load_tasks
-from stepopsd.envs.alfworld.expert import ExpertEpisode, play_expert
+from stepopsd.envs.alfworld.expert import ExpertEpisode, play_experts
 from stepopsd.envs.alfworld.prompts import format_response, render_prompt
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY
 from stepopsd.types import Task
@@ -66,19 +65,11 @@ def _expert_of(task: Task) -> str:
         return json.load(f).get(GENERATED_KEY, {}).get("expert", "handcoded")
 
 
-def _play(args) -> list[dict]:
-    i, task, opts = args
-    ep = play_expert(task.source, max_steps=opts.max_steps, epsilon=opts.epsilon, seed=opts.seed * 100003 + i,
-                     expert=_expert_of(task))
-    return episode_records(task, ep, opts) if (ep.won or opts.keep_failed) else []
-
-
 def export_demos(tasks: list[Task], out: str, opts: DemoOptions, workers: int | None = None) -> dict:
     """Play every task once with the expert and write the JSONL dataset; returns counts."""
-    os.environ["PYTHONHASHSEED"] = "0"  # the hand-coded expert iterates sets: fix it in the workers
-    jobs = [(i, t, opts) for i, t in enumerate(tasks)]
-    with mp.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
-        per_task = pool.map(_play, jobs, chunksize=1)
+    episodes = play_experts([(t.source, {"max_steps": opts.max_steps, "epsilon": opts.epsilon, "expert": _expert_of(t),
+                                         "seed": opts.seed * 100003 + i}) for i, t in enumerate(tasks)], workers)
+    per_task = [episode_records(t, ep, opts) if (ep.won or opts.keep_failed) else [] for t, ep in zip(tasks, episodes)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w") as f:

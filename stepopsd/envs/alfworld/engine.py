@@ -20,6 +20,25 @@ def split_intro(feedback: str) -> tuple[str, str]:
     return obs.strip(), goal.strip().rstrip(".").strip()
 
 
+class _MoveAwareExpert(AlfredExpert):
+    """The package's expert wrapper, with one compatibility fix for alfworld 0.4.2.
+
+    The grammar shipped with 0.4.2 spells the put action `move X to Y`, but the hand-coded expert
+    recognises a completed put only by the word "put" in the last command, so after a first
+    `move` it keeps the object in its inventory and can never place a second one (every pick-two
+    game fails). The expert is shown `put X to Y` for its bookkeeping; the engine runs `move`.
+    """
+
+    def _gather_infos(self):
+        command = self.prev_command
+        if command.startswith("move "):
+            self.prev_command = "put " + command[len("move "):]
+        try:
+            super()._gather_infos()
+        finally:
+            self.prev_command = command
+
+
 class AlfWorldEngine:
     """A single game. `expert` is None, "handcoded" or "planner"."""
 
@@ -35,7 +54,7 @@ class AlfWorldEngine:
         infos = textworld.EnvInfos(won=True, admissible_commands=True, extras=extras)
         wrappers = [AlfredDemangler(shuffle=False), AlfredInfos]
         if self.expert:
-            wrappers.append(AlfredExpert(expert_type=self.expert))
+            wrappers.append(_MoveAwareExpert(expert_type=self.expert))
         self._env = textworld.start(gamefile, infos, wrappers=wrappers)
         self._gamefile = gamefile
 

@@ -3,11 +3,13 @@
 Used for the generator's solvability check (epsilon = 0) and for SFT demonstrations (epsilon > 0
 injects random admissible actions; the expert then has to recover, which is the behaviour an
 imperfect warm start should show). The hand-coded expert draws from Python's global `random`, so
-each episode seeds it; run it in a process started with a fixed PYTHONHASHSEED for byte-identical
-results across runs (the generator's worker pool does).
+each episode seeds it; it also iterates over sets of names, so `play_experts` runs episodes in
+processes started with a fixed PYTHONHASHSEED: the same moves on every run.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
 import random
 from dataclasses import dataclass
 
@@ -57,3 +59,25 @@ def play_expert(gamefile: str, *, max_steps: int = 50, epsilon: float = 0.0, see
     except Exception as e:  # the expert raises on time-outs and on games it cannot parse
         return ExpertEpisode(gamefile, goal, tuple(steps), False, f"{type(e).__name__}: {e}")
     return ExpertEpisode(gamefile, goal, tuple(steps), won)
+
+
+def _play_job(job: tuple[str, dict]) -> ExpertEpisode:
+    gamefile, kwargs = job
+    return play_expert(gamefile, **kwargs)
+
+
+def play_experts(jobs: list[tuple[str, dict]], workers: int | None = None) -> list[ExpertEpisode]:
+    """`play_expert(gamefile, **kwargs)` for every (gamefile, kwargs) job, in parallel, in order.
+
+    Runs in freshly spawned processes with PYTHONHASHSEED=0 so the hand-coded expert, which
+    iterates over sets of names, plays the same moves on every run and every machine."""
+    saved = os.environ.get("PYTHONHASHSEED")
+    os.environ["PYTHONHASHSEED"] = "0"
+    try:
+        with mp.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
+            return pool.map(_play_job, jobs, chunksize=1)
+    finally:
+        if saved is None:
+            del os.environ["PYTHONHASHSEED"]
+        else:
+            os.environ["PYTHONHASHSEED"] = saved

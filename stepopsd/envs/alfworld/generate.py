@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
@@ -28,7 +27,7 @@ import alfworld
 import alfworld.gen.goal_library as goal_library
 
 from stepopsd.envs.alfworld import scenes
-from stepopsd.envs.alfworld.expert import play_expert
+from stepopsd.envs.alfworld.expert import play_experts
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SPLITS, TASK_TYPES, resolve_task_types
 
 DATA = os.path.join(os.path.dirname(alfworld.__file__), "data")
@@ -235,8 +234,10 @@ class GenerationReport:
     accepted: dict = field(default_factory=dict)  # split -> task type -> count
     rejected: dict = field(default_factory=dict)  # reason -> count
     plan_lengths: dict = field(default_factory=dict)  # task type -> list of expert steps to win
-    experts: dict = field(default_factory=dict)  # which expert solved the accepted games
     data_label: str = "generated"
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     def table(self) -> str:
         rows = ["task type | games (train/valid_seen/valid_unseen) | expert plan length min/median/mean/max [generated]",
@@ -247,24 +248,8 @@ class GenerationReport:
             n = "/".join(str(self.accepted.get(s, {}).get(t, 0)) for s in SPLITS)
             L = self.plan_lengths[t]
             rows.append(f"{t} | {n} | {min(L)}/{statistics.median(L):g}/{statistics.mean(L):.1f}/{max(L)}")
-        rows.append("solved by: " + ", ".join(f"{k} {v}" for k, v in sorted(self.experts.items())))
         rows.append("rejected: " + (", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items())) or "none"))
         return "\n".join(rows)
-
-
-def _check(args) -> tuple[str, int, str]:
-    """Worker: play a staged game with the package's experts -> (verdict, steps, expert).
-
-    The hand-coded expert searches like an agent must (opens, looks), so its plan length is the
-    one reported; its pick-two policy loses track of the second object in some rooms, and then the
-    PDDL planner expert (full state, optimal plan) decides solvability instead.
-    """
-    gamefile, seed, max_steps = args
-    for expert in ("handcoded", "planner"):
-        ep = play_expert(gamefile, max_steps=max_steps, seed=seed, expert=expert)
-        if ep.won:
-            return "ok", len(ep.steps), expert
-    return ("expert_error" if ep.error else "unsolved"), len(ep.steps), ""
 
 
 def make_games(out: str, seed: int = 0, *, train_per_type: int = 20, valid_per_type: int = 5,
@@ -282,46 +267,44 @@ def make_games(out: str, seed: int = 0, *, train_per_type: int = 20, valid_per_t
     want = {(s, t): (train_per_type if s == "train" else valid_per_type) for s in SPLITS for t in types}
     report = GenerationReport(seed)
     next_attempt = {k: 0 for k in want}
-    workers = workers or os.cpu_count() or 1
-    os.environ["PYTHONHASHSEED"] = "0"  # spawned checkers: the expert's set iteration order is fixed
-    with mp.get_context("spawn").Pool(workers) as pool:
-        while True:
-            todo = {k: n - report.accepted.get(k[0], {}).get(k[1], 0) for k, n in want.items()}
-            todo = {k: n for k, n in todo.items() if n > 0}
-            if not todo:
-                break
-            batch = []
-            for key, missing in todo.items():
-                if next_attempt[key] >= max_attempts_per_game * want[key]:
-                    raise RuntimeError(f"could not generate {want[key]} solvable {key[1]} games for {key[0]} in "
-                                       f"{next_attempt[key]} attempts; widen --max-plan or lower the count")
-                for _ in range(missing + 1):
-                    spec = sample_game(key[0], key[1], seed, next_attempt[key])
-                    next_attempt[key] += 1
-                    if spec is None:
-                        report.rejected["no_scene_fit"] = report.rejected.get("no_scene_fit", 0) + 1
-                        continue
+    while True:
+        todo = {k: n - report.accepted.get(k[0], {}).get(k[1], 0) for k, n in want.items()}
+        todo = {k: n for k, n in todo.items() if n > 0}
+        if not todo:
+            break
+        batch = []
+        for key, missing in todo.items():
+            if next_attempt[key] >= max_attempts_per_game * want[key]:
+                raise RuntimeError(f"could not generate {want[key]} solvable {key[1]} games for {key[0]} in "
+                                   f"{next_attempt[key]} attempts; widen --max-plan or lower the count")
+            for _ in range(missing + 1):
+                spec = sample_game(key[0], key[1], seed, next_attempt[key])
+                next_attempt[key] += 1
+                if spec is None:
+                    report.reject("no_scene_fit")
+                else:
                     batch.append(spec)
-            paths = [write_game(spec, staging) for spec in batch]
-            verdicts = pool.map(_check, [(p, spec.attempt, 50) for p, spec in zip(paths, batch)], chunksize=1)
-            for spec, path, (verdict, steps, expert) in zip(batch, paths, verdicts):
-                if verdict == "ok" and not min_plan <= steps <= max_plan:
-                    verdict = "plan_too_short" if steps < min_plan else "plan_too_long"
-                done = report.accepted.setdefault(spec.split, {}).get(spec.task_type, 0)
-                if verdict != "ok":
-                    report.rejected[verdict] = report.rejected.get(verdict, 0) + 1
-                elif done < want[(spec.split, spec.task_type)]:
-                    report.accepted[spec.split][spec.task_type] = done + 1
-                    report.plan_lengths.setdefault(spec.task_type, []).append(steps)
-                    report.experts[expert] = report.experts.get(expert, 0) + 1
-                    _record_expert(path, expert, steps)
-                    final = os.path.join(root, spec.split, spec.task_folder)
-                    os.makedirs(final, exist_ok=True)
-                    shutil.rmtree(os.path.join(final, spec.trial), ignore_errors=True)
-                    shutil.move(os.path.dirname(path), os.path.join(final, spec.trial))
-            shutil.rmtree(staging, ignore_errors=True)
-            log(f"[generated games] accepted {sum(sum(v.values()) for v in report.accepted.values())}"
-                f"/{sum(want.values())}, rejected {sum(report.rejected.values())}")
+        paths = [write_game(spec, staging) for spec in batch]
+        # The hand-coded expert searches as an agent must (goes, opens, looks): its step count is a
+        # realistic plan length, and it is pure Python (no planner search that can blow up).
+        episodes = play_experts([(p, {"seed": spec.attempt, "max_steps": 50}) for p, spec in zip(paths, batch)], workers)
+        for spec, path, ep in zip(batch, paths, episodes):
+            steps = len(ep.steps)
+            if not ep.won:
+                report.reject("expert_error" if ep.error else "unsolved")
+            elif not min_plan <= steps <= max_plan:
+                report.reject("plan_too_short" if steps < min_plan else "plan_too_long")
+            elif report.accepted.setdefault(spec.split, {}).get(spec.task_type, 0) < want[(spec.split, spec.task_type)]:
+                report.accepted[spec.split][spec.task_type] = report.accepted[spec.split].get(spec.task_type, 0) + 1
+                report.plan_lengths.setdefault(spec.task_type, []).append(steps)
+                _record_expert(path, "handcoded", steps)
+                final = os.path.join(root, spec.split, spec.task_folder, spec.trial)
+                shutil.rmtree(final, ignore_errors=True)
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                shutil.move(os.path.dirname(path), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        log(f"[generated games] accepted {sum(sum(v.values()) for v in report.accepted.values())}"
+            f"/{sum(want.values())}, rejected {sum(report.rejected.values())}")
     with open(os.path.join(root, "generation_report.json"), "w") as f:
         json.dump(asdict(report), f, indent=2, sort_keys=True)
     return report
