@@ -51,3 +51,39 @@ class Transition:
     valid: bool  # False: no well-formed action (penalised, episode still advances)
     reward: float  # env reward of this step: 10 * won on the winning step, minus the invalid penalty
     state: EnvState = field(repr=False, default=None)  # the environment after the step
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One agent step as generated: a training row in the step-per-row layout (ALFWorld)."""
+
+    prompt_ids: tuple[int, ...]  # the full prompt the policy saw (chat template applied)
+    response_ids: tuple[int, ...]  # sampled tokens, eos included when generated
+    rollout_logprobs: tuple[float, ...]  # log pi_rollout of each response token (PPO's pi_old)
+    response: str  # decoded response text
+    target: tuple[int, int] | None  # [start, end) token span of the step target Z_k in the response; None: no target
+    transition: Transition  # what the environment made of it
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """G of these with the same `group` form a GRPO group (same task, same initial state)."""
+
+    task: Task
+    group: int  # index of the group (task) in the rollout batch
+    member: int  # 0..G-1 within the group
+    steps: tuple[StepRecord, ...]
+    failed: bool = False  # the engine crashed or timed out: left out of the update, counted in the logs
+
+    @property
+    def won(self) -> bool:
+        return bool(self.steps) and self.steps[-1].transition.state.won
+
+    @property
+    def outcome_reward(self) -> float:
+        """R_i: the sum of the step rewards (10 * won minus the invalid-action penalties)."""
+        return sum(s.transition.reward for s in self.steps)
+
+    @property
+    def success(self) -> bool:
+        return self.won

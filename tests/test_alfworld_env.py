@@ -99,3 +99,25 @@ def test_demonstrations_export(tasks, tmp_path):
     assert any(steps != list(range(len(steps))) for steps in steps_per_task.values())
     assert demos_main(["--data", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert out.exists()  # a failed export leaves the earlier file alone
+
+
+def test_prompts_carry_history_and_targets_cover_the_action_block(tasks):
+    with AlfWorldEnv(num_workers=0, compact=True, history_length=2) as env:
+        states = env.reset(tasks[:1], group_size=1)
+        first = env.prompt(0)
+        assert first.startswith(f"task: {states[0].goal}") and "obs: " in first
+        cmds = states[0].admissible
+        env.step({0: act(cmds[0])})
+        env.step({0: "no action here"})
+        env.step({0: act("look")})
+        prompt = env.prompt(0)
+        assert "step: 3" in prompt and f"act: {cmds[0]}" not in prompt  # only the last two pairs are shown
+        assert "act: (no valid action)" in prompt and "act: look" in prompt
+    response = "<think>go</think> <action> Look </action> trailing"
+    start, end = env.target_chars(response, "action_only")
+    assert response[start:end] == "<action> Look </action>"
+    assert env.target_chars(response, "full_step") == (0, len(response))
+    assert env.target_chars("<think>x</think>", "action_only") is None
+    assert env.target_chars("<think>x</think>", "full_step") is None
+    with pytest.raises(ValueError, match="does not apply to ALFWorld"):
+        env.target_chars(response, "clean_step_no_observation")

@@ -19,13 +19,14 @@ import os
 from typing import Mapping, Sequence
 
 from stepopsd.envs.alfworld.engine import AlfWorldEngine
-from stepopsd.envs.alfworld.prompts import parse_action, step_reward
+from stepopsd.envs.alfworld.prompts import action_span, parse_action, render_prompt, step_reward
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SPLITS, TASK_TYPES, resolve_task_types, task_type_of
 from stepopsd.envs.workers import EnvWorkerPool
 from stepopsd.types import EnvState, Task, Transition
 
 log = logging.getLogger(__name__)
 INVALID_OBSERVATION = "Nothing happens."  # what the engine answers to a command it cannot run
+INVALID_HISTORY_ACTION = "(no valid action)"  # how an invalid step shows in later prompts' history
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -90,16 +91,21 @@ class AlfWorldEnv:
     `num_workers=0` runs the engines in this process (no crash isolation; for debugging)."""
 
     def __init__(self, num_workers: int = 2, *, max_steps: int = 50, step_timeout: float = 60.0,
-                 require_think: bool = False):
+                 require_think: bool = False, history_length: int = 2, compact: bool = False):
         if max_steps < 1:
             raise ValueError(f"max_steps={max_steps} must be >= 1 (the paper protocol uses 50)")
+        if history_length < 0:
+            raise ValueError(f"history_length={history_length} must be >= 0 (the paper protocol uses 2)")
         self.max_steps = max_steps
         self.require_think = require_think
+        self.history_length = history_length
+        self.compact = compact
         self.pool = EnvWorkerPool(functools.partial(AlfWorldEngine, None), num_workers, step_timeout=step_timeout,
                                   reset_timeout=max(step_timeout, 120.0))
         self.tasks: list[Task] = []
         self.group_size = 0
         self.states: list[EnvState] = []
+        self.histories: list[list[tuple[str, str]]] = []  # per slot: (observation, action text) of past steps
 
     @property
     def data_label(self) -> str:
@@ -112,6 +118,7 @@ class AlfWorldEnv:
         self.tasks, self.group_size = list(tasks), group_size
         results = self.pool.reset([t.source for t in tasks for _ in range(group_size)])
         self.states = [self._state_of(r, steps=0) for r in results]
+        self.histories = [[] for _ in self.states]
         for g, task in enumerate(self.tasks):
             members = [s for s in self.states[g * group_size:(g + 1) * group_size] if not s.failed]
             first = members[0] if members else None
@@ -121,6 +128,21 @@ class AlfWorldEnv:
                                        "a GRPO group must be G copies of one game from one initial state")
         self._log_failures(results, "reset")
         return list(self.states)
+
+    def prompt(self, slot: int) -> str:
+        """The protocol prompt for a slot's next step (task, steps taken, recent history, admissible)."""
+        s = self.states[slot]
+        return render_prompt(s.goal, s.observation, s.admissible, self.histories[slot], s.steps,
+                             history_length=self.history_length, compact=self.compact)
+
+    def target_chars(self, response: str, mode: str = "action_only") -> tuple[int, int] | None:
+        """Character span of the step target Z_k in a response (spec §5); None: no target (Δ = 0)."""
+        span = action_span(response, require_think=self.require_think)
+        if mode == "action_only":
+            return span
+        if mode == "full_step":
+            return (0, len(response)) if span else None
+        raise ValueError(f"target mode {mode!r} does not apply to ALFWorld: use action_only or full_step")
 
     def live_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.states) if not s.done]
@@ -143,6 +165,7 @@ class AlfWorldEnv:
                 state = EnvState(before.goal, INVALID_OBSERVATION, before.admissible, steps=before.steps + 1)
             if state.steps >= self.max_steps and not state.done:
                 state = EnvState(state.goal, state.observation, state.admissible, steps=state.steps, done=True)
+            self.histories[slot].append((before.observation, action if valid else INVALID_HISTORY_ACTION))
             self.states[slot] = state
             out[slot] = Transition(text, action, valid, step_reward(state.won, valid), state)
         return out

@@ -41,15 +41,24 @@ def parse_action(text: str, *, require_think: bool = False) -> tuple[str | None,
     Anything after the first action block (e.g. a second action) is ignored. An unclosed
     `<action>` followed by a complete block yields the complete block.
     """
+    m = _valid_action_match(text, require_think)
+    return (" ".join(m.group(1).split()).lower(), True) if m else (None, False)
+
+
+def action_span(text: str, *, require_think: bool = False) -> tuple[int, int] | None:
+    """Character span [start, end) of the action block, tags included, that `parse_action` reads;
+    None when the step is invalid. It is the step target Z_k in `action_only` mode (spec §5)."""
+    m = _valid_action_match(text, require_think)
+    return m.span() if m else None
+
+
+def _valid_action_match(text: str, require_think: bool) -> re.Match | None:
     m = _ACTION_RE.search(text)
-    if m is None:
-        return None, False
-    action = " ".join(m.group(1).split()).lower()
-    if not action:
-        return None, False
+    if m is None or not m.group(1).strip():
+        return None
     if require_think and _THINK_RE.search(text, 0, m.start()) is None:
-        return None, False
-    return action, True
+        return None
+    return m
 
 
 def format_response(think: str, action: str) -> str:
