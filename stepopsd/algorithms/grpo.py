@@ -1,0 +1,203 @@
+"""GRPO: group-relative advantages (Eq. 1) and the PPO-clip policy loss (Eq. 13-14).
+
+Pure tensor functions, no state. Shapes: N = trajectories (one reward each), B = rows, T = tokens
+per row (the loss mask's second dimension), V = vocabulary.
+
+What is implemented:
+* `group_advantages` - Eq. 1 with the unbiased group std (as verl and TRL use) or, with
+  `scale_by_std=False`, the Dr.GRPO centring R - mean. Broadcasting to tokens (A_i * m_il) is
+  left to the caller.
+* `policy_loss` / `aggregate` - the clipped surrogate of Eq. 13-14 with three aggregations.
+  The KL term (`kl_k3`) and the entropy term (`entropy_from_logits`) are separate functions; the
+  caller adds beta_KL * aggregate(kl) - c_ent * aggregate(H) so each can be logged on its own.
+* `ppo_stats` - the diagnostics a reviewer asks for first (approx-KL, clip fraction, ratios).
+
+Simplifications: no dual-clip (the c-bound on negative advantages some PPO variants add), no
+clamping inside the k3 estimator, and an all-zero mask aggregates to 0 rather than NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. 1 - group-relative advantage
+# ----------------------------------------------------------------------------------------------
+def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Arbitrary integer ids [N] -> contiguous group index [N] in 0..G-1, and G."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    return inverse, int(inverse.max()) + 1 if inverse.numel() else 0
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+) -> torch.Tensor:
+    """Eq. 1: A_i = (R_i - mean_group R) / (std_group R + eps), per trajectory.
+
+    rewards [N] (any real dtype), group_ids [N] (any integers, need not be sorted or contiguous).
+    Returns [N] in the rewards' float dtype (float32 for integer rewards).
+    std is the unbiased one (correction 1). A group of one member has no std: it is taken as 0,
+    and its advantage is 0 anyway since R - mean = 0. A uniform group gives exactly 0.
+    scale_by_std=False returns R - mean (Dr.GRPO).
+    """
+    if rewards.dim() != 1 or rewards.shape != group_ids.shape:
+        raise ValueError(f"rewards and group_ids must both be [N]; got {tuple(rewards.shape)} and "
+                         f"{tuple(group_ids.shape)}")
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    r = rewards.to(torch.float64)  # accumulate in float64; cast back at the end
+    idx, n_groups = _group_index(group_ids)
+    count = torch.zeros(n_groups, dtype=torch.float64, device=r.device).index_add_(
+        0, idx, torch.ones_like(r))  # [G]
+    mean = torch.zeros_like(count).index_add_(0, idx, r) / count  # [G]
+    centred = r - mean[idx]  # [N]
+    if not scale_by_std:
+        return centred.to(out_dtype)
+    sq = torch.zeros_like(count).index_add_(0, idx, centred * centred)  # [G]
+    var = torch.where(count > 1, sq / (count - 1).clamp(min=1), torch.zeros_like(sq))  # unbiased
+    std = var.sqrt()  # [G]; singleton groups -> 0
+    return (centred / (std[idx] + eps)).to(out_dtype)
+
+
+def uniform_group_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) -> float:
+    """§4 diagnostic: share of groups whose rewards are all equal (they carry A = 0).
+
+    rewards [N], group_ids [N]. Singleton groups count as uniform. Returns 0.0 for N = 0.
+    """
+    if rewards.numel() == 0:
+        return 0.0
+    idx, n_groups = _group_index(group_ids)
+    r = rewards.to(torch.float64)
+    hi = torch.full((n_groups,), -torch.inf, dtype=r.dtype, device=r.device)
+    lo = torch.full((n_groups,), torch.inf, dtype=r.dtype, device=r.device)
+    hi = hi.scatter_reduce(0, idx, r, reduce="amax")  # [G]
+    lo = lo.scatter_reduce(0, idx, r, reduce="amin")  # [G]
+    return (hi == lo).double().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Eq. 14 - aggregation and the clipped surrogate
+# ----------------------------------------------------------------------------------------------
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Reduce per-token values [B, T] under the loss mask [B, T] to a scalar (the agg of Eq. 14).
+
+    token_mean               sum(v*m) / sum(m) over the whole batch
+    seq_mean_token_mean      mean over rows with >= 1 mask token of each row's masked token mean
+    seq_mean_token_sum_norm  (Dr.GRPO) each row's sum(v*m) / T with T = mask.shape[1], mean over
+                             all rows
+    Masked-out values are excluded with `where`, so NaN/inf there never leak. An all-zero mask
+    gives 0 (with a gradient of zeros) instead of NaN.
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown agg {agg!r}; use one of {', '.join(AGGREGATIONS)}")
+    if values.shape != mask.shape or values.dim() != 2:
+        raise ValueError(f"values and mask must both be [B, T]; got {tuple(values.shape)} and "
+                         f"{tuple(mask.shape)}")
+    keep = mask.bool()
+    masked = torch.where(keep, values, torch.zeros_like(values))  # [B, T]
+    if agg == "token_mean":
+        return masked.sum() / keep.sum().clamp(min=1)
+    row_sum = masked.sum(dim=-1)  # [B]
+    if agg == "seq_mean_token_mean":
+        row_len = keep.sum(dim=-1)  # [B]
+        has = row_len > 0
+        row_mean = row_sum / row_len.clamp(min=1)  # [B]
+        return torch.where(has, row_mean, torch.zeros_like(row_mean)).sum() / has.sum().clamp(min=1)
+    # seq_mean_token_sum_norm: divide by the constant max length T, not by each row's length
+    return (row_sum / mask.shape[-1]).sum() / max(mask.shape[0], 1)
+
+
+def _check_clip(clip_low: float, clip_high: float) -> None:
+    if clip_low <= 0 or clip_high <= 0:
+        raise ValueError(f"clip_low and clip_high must be > 0 (got {clip_low}, {clip_high}); "
+                         "the usual value is 0.2")
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    agg: str = "token_mean",
+) -> torch.Tensor:
+    """Eq. 13-14 without the KL and entropy terms; all inputs [B, T], returns a scalar.
+
+    Eq. 13: r = exp(logp - old_logp).
+    Eq. 14: per-token loss = -min(r*A, clip(r, 1 - clip_low, 1 + clip_high)*A), aggregated by
+    `aggregate(.., mask, agg)`. Gradients flow into `logp` only (old_logp and A are detached).
+    """
+    _check_clip(clip_low, clip_high)
+    if agg not in AGGREGATIONS:  # checked before any compute so a typo fails fast
+        raise ValueError(f"unknown agg {agg!r}; use one of {', '.join(AGGREGATIONS)}")
+    adv = advantages.detach()
+    ratio = torch.exp(logp - old_logp.detach())  # Eq. 13, [B, T]
+    unclipped = -adv * ratio  # [B, T]
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
+    per_token = torch.maximum(unclipped, clipped)  # -min(rA, clip(r)A), Eq. 14
+    return aggregate(per_token, mask, agg)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """§11 / Eq. 14 KL term: k3 estimator of KL(pi_theta || pi_ref) per token, [B, T] -> [B, T].
+
+    k3 = exp(ref - logp) - (ref - logp) - 1 >= 0 (unbiased, low variance; Schulman's note).
+    Aggregate it with `aggregate` under the loss mask.
+    """
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+@torch.no_grad()
+def ppo_stats(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+) -> dict[str, float]:
+    """CleanRL-style diagnostics over the masked tokens; inputs [B, T].
+
+    approx_kl      mean of (r - 1) - log r  (k3 of the ratio, Eq. 13)
+    clip_fraction  share of tokens where the clipped term is the one Eq. 14 selects and it
+                   differs from the unclipped one (A > 0 and r > 1 + clip_high, or A < 0 and
+                   r < 1 - clip_low): exactly the tokens whose gradient clipping zeroes
+    ratio_mean, ratio_max, ratio_min
+    With no masked token every value is 0.0.
+    """
+    _check_clip(clip_low, clip_high)
+    keep = mask.bool()
+    n = int(keep.sum())
+    if n == 0:
+        return {"approx_kl": 0.0, "clip_fraction": 0.0, "ratio_mean": 0.0, "ratio_max": 0.0,
+                "ratio_min": 0.0}
+    log_r = (logp - old_logp)[keep]  # [n]
+    r = log_r.exp()
+    adv = advantages[keep]
+    unclipped = -adv * r
+    clipped = -adv * r.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return {
+        "approx_kl": ((r - 1.0) - log_r).mean().item(),
+        "clip_fraction": (clipped > unclipped).double().mean().item(),
+        "ratio_mean": r.mean().item(),
+        "ratio_max": r.max().item(),
+        "ratio_min": r.min().item(),
+    }
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy H of the categorical given by logits [B, T, V] -> [B, T] (the c_ent term of Eq. 14).
+
+    H = logsumexp(z) - sum_v softmax(z)_v * z_v. Logits must be finite.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
