@@ -1,0 +1,16 @@
+"""Build (or find in the cache) the SFT-warm-started tiny policy: python sft.py [machine=cpu] [model.sft.epochs=...]"""
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from stepopsd.train import build_policy, prepare_games
+
+    if cfg.model.kind != "tiny":
+        raise SystemExit("sft.py builds the tiny offline policy: add machine=cpu (or model=tiny)")
+    build_policy(cfg, prepare_games(cfg))
+
+
+if __name__ == "__main__":
+    main()

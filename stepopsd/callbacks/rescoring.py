@@ -1,0 +1,54 @@
+"""TeacherRescoring: the Lightning callback that injects StepOPSD's step-aware advantages.
+
+On every training batch, before `training_step`, it rescores the batch's target tokens with the
+hindsight teacher (Eq. 2-5) and replaces the GRPO advantages with the shaped ones (Eq. 6-12);
+the teacher snapshot is refreshed every N_ref training steps and saved with checkpoints. Without
+this callback (`algorithm=grpo`), or with lambda_t = 0, training is exactly GRPO.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+
+from stepopsd.algorithms.stepopsd import StepOPSDConfig
+from stepopsd.data.batch import RolloutBatch
+from stepopsd.teacher import TeacherSnapshot, rescore
+
+
+class TeacherRescoring(L.Callback):
+    def __init__(self, config: StepOPSDConfig, tokenizer, *, temperature: float = 1.0, micro_batch: int = 16):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.temperature = temperature
+        self.micro_batch = micro_batch
+        self.teacher: TeacherSnapshot | None = None
+        self._pending_state: dict | None = None
+        self.step = 0  # training steps (rollout batches) seen: t of Eq. 9 and the N_ref clock
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.teacher is None:
+            self.teacher = TeacherSnapshot(pl_module.policy, self.config.teacher_refresh)
+        if self._pending_state is not None:
+            self.teacher.load_state_dict(self._pending_state["teacher"])
+            self.step = self._pending_state["step"]
+            self._pending_state = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        refreshed = self.teacher.maybe_refresh(pl_module.policy, self.step)
+        teacher = self.teacher.model.to(pl_module.device)
+        shaped, metrics = rescore(batch, teacher, self.tokenizer, self.config, self.step,
+                                  pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
+                                  micro_batch=self.micro_batch)
+        batch.advantages = shaped  # the documented write-back: training_step reads the shaped values
+        metrics |= {"time/rescore_s": time.perf_counter() - t0, "stepopsd/teacher_refreshed": float(refreshed),
+                    "stepopsd/teacher_age": self.step - self.teacher.taken_at}
+        pl_module.log_dict(metrics, on_step=True, sync_dist=True, batch_size=batch.num_rows)
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "teacher": self.teacher.state_dict() if self.teacher else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending_state = state_dict

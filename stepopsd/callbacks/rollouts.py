@@ -1,0 +1,71 @@
+"""Callbacks around rollouts: attach generation to the trained policy, log rollout metrics, and
+evaluate success on validation games (temperature 0.4, one rollout per game) at the start, every
+`every` training steps and at the end. Validation games are counted per task type; a run on
+generated games says so in every metric name's prefix (`val_generated/...`)."""
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import torch
+
+from stepopsd.rollout import RolloutConfig, rollout
+from stepopsd.types import Task
+
+
+class RolloutLogging(L.Callback):
+    """Points the datamodule's generation at the policy and logs what each rollout measured."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainer.datamodule.attach(pl_module.policy)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module.log_dict(trainer.datamodule.last_metrics, on_step=True, sync_dist=True, batch_size=batch.num_rows)
+
+
+class RolloutValidation(L.Callback):
+    def __init__(self, tasks: list[Task], rollout_cfg: RolloutConfig, *, every: int, temperature: float = 0.4, seed: int = 0):
+        self.tasks = tasks
+        self.cfg = dataclasses.replace(rollout_cfg, group_size=1,
+                                       sampling=dataclasses.replace(rollout_cfg.sampling, temperature=temperature))
+        self.every, self.seed = every, seed
+        self.label = "+".join(sorted({t.data_label for t in tasks}))
+        self.history: list[tuple[int, float]] = []  # (training step, success rate)
+
+    @property
+    def prefix(self) -> str:
+        return "val" if self.label == "official" else f"val_{self.label}"
+
+    def evaluate(self, trainer, pl_module, step: int) -> float:
+        dm = trainer.datamodule
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = self.tasks[rank::world]
+        types = sorted({t.task_type for t in self.tasks})
+        counts = torch.zeros(2 * len(types) + 2)
+        if mine:
+            trajectories, _ = rollout(dm.env, dm.backend, dm.tokenizer, mine, self.cfg, seed=self.seed + rank)
+            for t in trajectories:
+                i = types.index(t.task.task_type)
+                counts[2 * i] += t.success
+                counts[2 * i + 1] += 1
+                counts[-2] += t.success
+                counts[-1] += 1
+        counts = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").cpu()
+        success = (counts[-2] / counts[-1].clamp(min=1)).item()
+        metrics = {f"{self.prefix}/success": success}
+        metrics |= {f"{self.prefix}/success_{name}": (counts[2 * i] / counts[2 * i + 1].clamp(min=1)).item()
+                    for i, name in enumerate(types)}
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=step)
+        self.history.append((step, success))
+        return success
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every and (batch_idx + 1) % self.every == 0 and batch_idx + 1 < trainer.num_training_batches:
+            self.evaluate(trainer, pl_module, batch_idx + 1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.evaluate(trainer, pl_module, trainer.num_training_batches)

@@ -1,0 +1,100 @@
+"""From trajectories to the typed training batch: the reward manager and the GRPO advantage.
+
+`build_batch` turns the rollout's trajectories into a `RolloutBatch` in the step-per-row layout
+(ALFWorld: every env step is its own prompt, so every step is one row of prompt + response tokens):
+
+    outcome reward R_i = sum of the step rewards (10 * won - 0.1 * invalid steps), success = won
+    A_i = group_advantages(R, group) (Eq. 1), every row of trajectory i carries A_i on its loss mask
+    step_ids = k on the tokens of step k's target span Z_k, -1 elsewhere (for Eq. 4-12)
+
+Trajectories whose engine failed are left out (their group is normalised over the rest) and
+counted. Rows are right-padded; `loss_mask` covers response tokens only (prompt and observation
+tokens are never in the loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from stepopsd.algorithms.grpo import group_advantages, uniform_group_fraction
+from stepopsd.types import Trajectory
+
+
+@dataclass
+class RolloutBatch:
+    """Step rows [N, L] plus per-trajectory values [M]; rows of trajectory m have row_traj == m.
+
+    Only `advantages` is ever reassigned after construction: the TeacherRescoring callback writes
+    the shaped advantages (Eq. 6-12) there before `training_step` reads them."""
+
+    input_ids: torch.Tensor  # [N, L] long, prompt + response, right-padded
+    attention_mask: torch.Tensor  # [N, L] long
+    loss_mask: torch.Tensor  # [N, L] float, 1 on response tokens
+    rollout_logp: torch.Tensor  # [N, L] float, log pi_old of response tokens (0 elsewhere)
+    advantages: torch.Tensor  # [N, L] float, A_i on response tokens; the callback may reshape it (Eq. 6-12)
+    step_ids: torch.Tensor  # [N, L] long, step index k on target tokens, -1 elsewhere
+    row_traj: torch.Tensor  # [N] long, trajectory index of each row
+    row_step: torch.Tensor  # [N] long, step index k of each row within its trajectory
+    prompt_lens: torch.Tensor  # [N] long
+    traj_group: torch.Tensor  # [M] long
+    traj_reward: torch.Tensor  # [M] float, outcome reward R_i
+    traj_success: torch.Tensor  # [M] bool
+    traj_adv: torch.Tensor  # [M] float, A_i (Eq. 1)
+    trajectories: tuple[Trajectory, ...]  # the records the hindsight contexts are built from (Eq. 3)
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> "RolloutBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def rows(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The row tensors of a mini-batch, trimmed to its longest row."""
+        mask = self.attention_mask[index]
+        width = int(mask.sum(1).max()) if len(index) else 0
+        return {name: getattr(self, name)[index][:, :width] for name in
+                ("input_ids", "attention_mask", "loss_mask", "rollout_logp", "advantages", "step_ids")}
+
+
+def build_batch(trajectories: list[Trajectory], *, pad_id: int, scale_by_std: bool = True) -> tuple[RolloutBatch, dict]:
+    """The training batch and the reward manager's metrics (reward, success, uniform-group share)."""
+    kept = [t for t in trajectories if not t.failed and t.steps]
+    if not kept:
+        raise RuntimeError(f"all {len(trajectories)} trajectories failed: nothing to train on (see the env warnings)")
+    reward = torch.tensor([t.outcome_reward for t in kept], dtype=torch.float32)
+    group = torch.tensor([t.group for t in kept], dtype=torch.long)
+    adv = group_advantages(reward, group, scale_by_std=scale_by_std)
+    rows = [(m, k, s) for m, t in enumerate(kept) for k, s in enumerate(t.steps)]
+    width = max(len(s.prompt_ids) + len(s.response_ids) for _, _, s in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width))
+    logp = torch.zeros((n, width))
+    step_ids = torch.full((n, width), -1, dtype=torch.long)
+    for r, (m, k, s) in enumerate(rows):
+        p, q = len(s.prompt_ids), len(s.prompt_ids) + len(s.response_ids)
+        input_ids[r, :q] = torch.tensor(s.prompt_ids + s.response_ids)
+        attention[r, :q] = 1
+        loss_mask[r, p:q] = 1
+        logp[r, p:q] = torch.tensor(s.rollout_logprobs)
+        if s.target is not None:
+            step_ids[r, p + s.target[0]:p + s.target[1]] = k
+    row_traj = torch.tensor([m for m, _, _ in rows], dtype=torch.long)
+    batch = RolloutBatch(
+        input_ids, attention, loss_mask, logp, adv[row_traj, None] * loss_mask, step_ids, row_traj,
+        torch.tensor([k for _, k, _ in rows], dtype=torch.long),
+        torch.tensor([len(s.prompt_ids) for _, _, s in rows], dtype=torch.long),
+        group, reward, torch.tensor([t.success for t in kept]), adv, tuple(kept))
+    metrics = {
+        "reward/mean": reward.mean().item(),
+        "success/rate": batch.traj_success.float().mean().item(),
+        "grpo/uniform_group_frac": uniform_group_fraction(reward, group),
+        "rollout/failed_trajectories": len(trajectories) - len(kept),
+        "rollout/steps_per_traj": n / len(kept),
+        "rollout/invalid_step_frac": sum(not s.transition.valid for _, _, s in rows) / n,
+    }
+    return batch, metrics

@@ -1,0 +1,102 @@
+"""RolloutDataModule: every training batch is a fresh on-policy rollout.
+
+The train dataloader is an iterable over `RolloutBatch`es: each item picks the next
+`tasks_per_step` tasks (a seeded shuffle of the training games, resumable by position), rolls out
+`group_size` copies of each with the *current* policy weights and returns the built batch. Groups
+are built whole, so a group never spans two batches; under DDP each rank rolls out its own share
+of tasks (rank r takes tasks r, r + world, ...), so groups stay whole on one rank.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable, Iterator
+
+import lightning as L
+from torch.utils.data import DataLoader, IterableDataset
+
+from stepopsd.data.batch import RolloutBatch, build_batch
+from stepopsd.rollout import RolloutConfig, RolloutStats, rollout
+from stepopsd.types import Task
+
+
+class _Rollouts(IterableDataset):
+    def __init__(self, dm: "RolloutDataModule"):
+        self.dm = dm
+
+    def __iter__(self) -> Iterator[RolloutBatch]:
+        while True:
+            yield self.dm.next_batch()
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """`env_factory()` builds the environment once per process; `backend_factory(policy, tokenizer)`
+    builds the generation backend over the LightningModule's policy at fit start."""
+
+    def __init__(self, tasks: list[Task], env_factory: Callable, backend_factory: Callable, tokenizer,
+                 rollout_cfg: RolloutConfig, *, tasks_per_step: int, scale_by_std: bool = True, seed: int = 0):
+        super().__init__()
+        if tasks_per_step < 1:
+            raise ValueError(f"tasks_per_step={tasks_per_step} must be >= 1")
+        self.tasks = list(tasks)
+        self.env_factory, self.backend_factory = env_factory, backend_factory
+        self.tokenizer, self.rollout_cfg = tokenizer, rollout_cfg
+        self.tasks_per_step, self.scale_by_std, self.seed = tasks_per_step, scale_by_std, seed
+        self.position = 0  # tasks consumed so far (checkpointed: resume continues the same order)
+        self.batches = 0
+        self.env = self.backend = None
+        self.last_stats: RolloutStats | None = None
+        self.last_metrics: dict = {}
+
+    # --- state kept in checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"position": self.position, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.batches = state["position"], state["batches"]
+
+    # --- rollouts ----------------------------------------------------------------------------------
+    def attach(self, policy) -> None:
+        """Point generation at the policy being trained (called by the trainer's fit-start hook)."""
+        self.backend = self.backend_factory(policy, self.tokenizer)
+        if self.env is None:
+            self.env = self.env_factory()
+
+    def _rank_tasks(self, count: int) -> list[Task]:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        picked = []
+        for i in range(count * world):
+            epoch, j = divmod(self.position + i, len(self.tasks))
+            order = list(range(len(self.tasks)))
+            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            if i % world == rank:
+                picked.append(self.tasks[order[j]])
+        self.position += count * world
+        return picked
+
+    def next_batch(self) -> RolloutBatch:
+        if self.backend is None:
+            raise RuntimeError("RolloutDataModule.attach(policy) must run before rollouts (the trainer does it)")
+        tasks = self._rank_tasks(self.tasks_per_step)
+        t0 = time.perf_counter()
+        rank = self.trainer.global_rank if self.trainer else 0
+        trajectories, stats = rollout(self.env, self.backend, self.tokenizer, tasks, self.rollout_cfg,
+                                      seed=self.seed + 100_003 * self.batches + rank)
+        batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
+        seconds = time.perf_counter() - t0
+        self.batches += 1
+        self.last_stats = stats
+        self.last_metrics = metrics | {
+            "time/rollout_s": seconds, "time/generate_s": stats.generate_s, "time/env_s": stats.env_s,
+            "perf/gen_tokens_per_s": stats.generated_tokens / max(stats.generate_s, 1e-9),
+            "rollout/truncated_prompts": stats.truncated_prompts,
+        }
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Rollouts(self), batch_size=None, num_workers=0, collate_fn=lambda b: b)
+
+    def teardown(self, stage: str) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None

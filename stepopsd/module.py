@@ -1,0 +1,129 @@
+"""The GRPO LightningModule: PPO-clip updates on a `RolloutBatch` (Eq. 13-14), manual optimisation.
+
+One training step = one rollout batch: `epochs` passes over random row mini-batches, each a
+forward pass, the clipped surrogate with the advantages in the batch (plain GRPO, or StepOPSD's
+after the TeacherRescoring callback reshaped them), k3 KL to a frozen reference, an entropy bonus,
+gradient clipping and an optimizer step. Before the first update the trainer's log-probs must equal
+the rollout's (the policy has not moved): their gap is logged every step and a gap past
+`logp_gap_threshold` stops the run (weights not synced, tokenisation drift).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+
+from stepopsd.algorithms.grpo import AGGREGATIONS, aggregate, entropy_from_logits, kl_k3, policy_loss, ppo_stats
+from stepopsd.data.batch import RolloutBatch
+from stepopsd.policy.logprobs import position_ids_from_mask, token_logprobs
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    epochs: int = 1
+    mini_batch_rows: int = 256
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "token_mean"
+    kl_coef: float = 0.01
+    entropy_coef: float = 0.001
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0  # the rollout's sampling temperature: log-probs are taken at the same scale
+    logp_gap_threshold: float = 0.05  # max |trainer - rollout| log-prob (mean over tokens) before the first update
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.epochs < 1 or self.mini_batch_rows < 1:
+            raise ValueError("ppo: lr must be > 0, epochs >= 1 and mini_batch_rows >= 1")
+        if not (0 < self.clip_low < 1 and self.clip_high > 0):
+            raise ValueError(f"ppo: need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}")
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"ppo.agg={self.agg!r}: choose one of {', '.join(AGGREGATIONS)}")
+        if self.kl_coef < 0 or self.entropy_coef < 0 or self.max_grad_norm <= 0 or self.temperature <= 0:
+            raise ValueError("ppo: kl_coef and entropy_coef must be >= 0, max_grad_norm and temperature > 0")
+
+
+def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, T, V] logits, [B, T] ids -> [B, T] log p(token t | prefix); position 0 gets 0."""
+    return torch.nn.functional.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature), (1, 0))
+
+
+class GRPOModule(L.LightningModule):
+    def __init__(self, policy: torch.nn.Module, ppo: PPOConfig):
+        super().__init__()
+        self.policy = policy
+        self.ppo = ppo
+        self.automatic_optimization = False
+        self.reference = None
+        if ppo.kl_coef > 0:  # the frozen initial policy (kept separate from the teacher, spec §7)
+            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.policy.parameters(), lr=self.ppo.lr, weight_decay=self.ppo.weight_decay)
+
+    def _logits(self, model, rows):
+        mask = rows["attention_mask"]
+        return model(input_ids=rows["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                     use_cache=False).logits
+
+    def training_step(self, batch: RolloutBatch, batch_idx: int):
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        ppo = self.ppo
+        self.policy.train()
+        metrics: dict[str, list[float]] = {}
+        gen = torch.Generator().manual_seed(int(self.global_step))
+        for epoch in range(ppo.epochs):
+            order = torch.randperm(batch.num_rows, generator=gen)
+            for start in range(0, batch.num_rows, ppo.mini_batch_rows):
+                rows = {k: v.to(self.device) for k, v in batch.rows(order[start:start + ppo.mini_batch_rows]).items()}
+                mask = rows["loss_mask"]
+                logits = self._logits(self.policy, rows)
+                logp = shifted_logprobs(logits, rows["input_ids"], ppo.temperature)
+                if epoch == 0 and start == 0:
+                    self._check_logp_gap(logp.detach(), rows["rollout_logp"], mask, metrics)
+                loss = policy_loss(logp, rows["rollout_logp"], rows["advantages"], mask,
+                                   clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg)
+                pg_loss = loss.detach()
+                entropy = aggregate(entropy_from_logits(logits.float() / ppo.temperature), mask, ppo.agg)
+                loss = loss - ppo.entropy_coef * entropy
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = shifted_logprobs(self._logits(self.reference, rows), rows["input_ids"], ppo.temperature)
+                    kl = aggregate(kl_k3(logp, ref), mask, ppo.agg)
+                    loss = loss + ppo.kl_coef * kl
+                    _add(metrics, "actor/kl_ref", kl.item())
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), ppo.max_grad_norm)
+                opt.step()
+                stats = ppo_stats(logp.detach(), rows["rollout_logp"], rows["advantages"], mask,
+                                  clip_low=ppo.clip_low, clip_high=ppo.clip_high)
+                _add(metrics, "actor/pg_loss", pg_loss.item())
+                _add(metrics, "actor/entropy", entropy.item())
+                _add(metrics, "actor/grad_norm", grad_norm.item())
+                for k in ("approx_kl", "clip_fraction", "ratio_mean"):
+                    _add(metrics, f"actor/{k}", stats[k])
+        tokens = batch.attention_mask.sum().item()
+        seconds = time.perf_counter() - t0
+        logged = {k: sum(v) / len(v) for k, v in metrics.items()}
+        logged |= {"time/update_s": seconds, "perf/update_tokens_per_s": tokens / seconds}
+        self.log_dict(logged, on_step=True, prog_bar=False, sync_dist=True, batch_size=batch.num_rows)
+        return None
+
+    def _check_logp_gap(self, logp, rollout_logp, mask, metrics):
+        """The policy has not been updated yet in this step: trainer and rollout log-probs must agree."""
+        gap = ((logp - rollout_logp).abs() * mask).sum() / mask.sum().clamp(min=1)
+        _add(metrics, "actor/rollout_logp_gap", gap.item())
+        if gap.item() > self.ppo.logp_gap_threshold:
+            raise RuntimeError(f"trainer and rollout log-probs differ by {gap.item():.4f} per token (threshold "
+                               f"{self.ppo.logp_gap_threshold}): rollout weights not synced or tokenisation drift; "
+                               "raise ppo.logp_gap_threshold only if you know why")
+
+
+def _add(metrics: dict, key: str, value: float) -> None:
+    metrics.setdefault(key, []).append(value)

@@ -1,0 +1,131 @@
+"""SFT warm start of the tiny offline policy on expert demonstrations (`python sft.py`).
+
+Builds, once per configuration, everything a CPU run needs and no hub can provide: expert
+demonstrations from the training games (with epsilon-random detours, so the warm start is
+imperfect and RL has room to improve it), a word-level tokenizer trained on that text plus the
+hindsight block vocabulary, a tiny Qwen3-architecture model, and a few epochs of next-token
+training on the responses (prompt tokens are masked out). The result is saved with
+`save_pretrained` under `cache_dir/tiny-<hash of the config>/` and reused by every later run with
+the same configuration. The games are generated ones, and the folder's `sft.json` says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.progress import Progress
+
+from stepopsd.envs.alfworld.demos import DemoOptions, export_demos
+from stepopsd.envs.alfworld.env import load_tasks
+from stepopsd.hindsight import hindsight_text
+from stepopsd.policy.tiny import build_tiny_policy, count_parameters
+from stepopsd.policy.tokenizer import train_word_tokenizer
+from stepopsd.rollout import encode_prompt
+
+
+@dataclass(frozen=True)
+class TinySFTConfig:
+    games: str  # folder holding json_2.1.1/ (generated or official)
+    architecture: dict = field(default_factory=dict)  # tiny_qwen3_config overrides
+    vocab_size: int = 4096
+    epochs: int = 3
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_tokens: int = 768
+    demo_epsilon: float = 0.1
+    seed: int = 0
+    compact: bool = True
+    history_length: int = 2
+    chat_template: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_tokens < 32:
+            raise ValueError("sft: need epochs >= 1, batch_size >= 1, lr > 0 and max_tokens >= 32")
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self) | {"games": os.path.abspath(self.games)}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def sft_examples(records: list[dict], tokenizer, cfg: TinySFTConfig) -> list[tuple[list[int], int]]:
+    """(ids, response start) per demonstration step: chat-wrapped prompt + response + eos."""
+    out = []
+    for r in records:
+        prompt, _ = encode_prompt(tokenizer, r["prompt"], chat_template=cfg.chat_template, max_tokens=cfg.max_tokens // 2)
+        response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((prompt + response, len(prompt)))
+    return out
+
+
+def train_sft(model, examples: list[tuple[list[int], int]], cfg: TinySFTConfig, *, pad_id: int, progress: bool = True) -> float:
+    """Next-token cross-entropy on response tokens; returns the last epoch's mean loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = random.Random(cfg.seed)
+    model.train()
+    total = cfg.epochs * ((len(examples) + cfg.batch_size - 1) // cfg.batch_size)
+    last = float("nan")
+    with Progress(disable=not progress, transient=True) as bar:
+        job = bar.add_task("SFT warm start of the tiny policy [generated demos]", total=total)
+        for _ in range(cfg.epochs):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            losses = []
+            for i in range(0, len(order), cfg.batch_size):
+                chunk = [examples[j] for j in order[i:i + cfg.batch_size]]
+                width = max(len(ids) for ids, _ in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for b, (seq, start) in enumerate(chunk):
+                    ids[b, :len(seq)] = torch.tensor(seq)
+                    labels[b, start:len(seq)] = torch.tensor(seq[start:])
+                    mask[b, :len(seq)] = 1
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(loss.item())
+                bar.advance(job)
+            last = sum(losses) / len(losses)
+    model.eval()
+    return last
+
+
+def ensure_tiny_policy(cfg: TinySFTConfig, cache_dir: str, *, workers: int | None = None, progress: bool = True,
+                       log=print) -> str:
+    """The folder of the warm-started tiny policy for `cfg`, building it the first time."""
+    folder = os.path.join(cache_dir, f"tiny-{cfg.key()}")
+    if os.path.exists(os.path.join(folder, "sft.json")):
+        return folder
+    tasks = load_tasks(cfg.games, "train")
+    label = "+".join(sorted({t.data_label for t in tasks}))
+    log(f"[{label} games] building the tiny policy: demonstrations from {len(tasks)} games, tokenizer, SFT -> {folder}")
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    demos_path = os.path.join(tmp, "demos.jsonl")
+    export_demos(tasks, demos_path, DemoOptions(epsilon=cfg.demo_epsilon, seed=cfg.seed, compact=cfg.compact,
+                                                history_length=cfg.history_length), workers)
+    with open(demos_path) as f:
+        records = [json.loads(line) for line in f]
+    texts = [r["prompt"] for r in records] + [r["response"] for r in records]
+    texts += [hindsight_text(True), hindsight_text(False, "1. go to countertop 1\n2. take apple 1 from countertop 1")]
+    tokenizer = train_word_tokenizer(texts, vocab_size=cfg.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = build_tiny_policy(tokenizer, seed=cfg.seed, **cfg.architecture)
+    loss = train_sft(model, sft_examples(records, tokenizer, cfg), cfg, pad_id=tokenizer.pad_token_id, progress=progress)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "sft.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "data": label, "demo_steps": len(records), "final_loss": loss,
+                   "parameters": count_parameters(model)}, f, indent=2)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    log(f"[{label} games] tiny policy ready: {count_parameters(model):,} parameters, SFT loss {loss:.3f}")
+    return folder

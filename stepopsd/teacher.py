@@ -1,0 +1,100 @@
+"""Teacher rescoring: Δ from a hindsight teacher and the step-aware advantages (Eq. 2-12).
+
+`rescore` takes a `RolloutBatch` with GRPO advantages and returns the shaped advantages plus
+the diagnostics the paper uses to show the teacher is informative. The teacher is a stale snapshot
+of the policy (`TeacherSnapshot`, refreshed every N_ref optimizer steps, or the live policy); its
+passes run under `torch.no_grad()`. The student log-probs on the targets are the rollout's own
+(on-policy, Eq. 2 is exactly the rollout context), so the student needs no forward pass.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from stepopsd.algorithms.stepopsd import StepOPSDConfig, shape_advantages, sign_agreement, step_scores, token_gap
+from stepopsd.data.batch import RolloutBatch
+from stepopsd.hindsight import hindsight_blocks, teacher_inputs
+from stepopsd.policy.logprobs import sequence_logprobs
+
+
+class TeacherSnapshot:
+    """π_T: a frozen copy of the policy, refreshed every `refresh` optimizer steps (0 = live policy)."""
+
+    def __init__(self, policy: torch.nn.Module, refresh: int):
+        self.refresh = refresh
+        self.model = policy if refresh == 0 else self._copy(policy)
+        self.taken_at = 0  # optimizer step of the snapshot
+
+    @staticmethod
+    def _copy(policy):
+        model = copy.deepcopy(policy).eval()
+        model.requires_grad_(False)
+        return model
+
+    def maybe_refresh(self, policy: torch.nn.Module, step: int) -> bool:
+        if self.refresh == 0 or step - self.taken_at < self.refresh:
+            return False
+        self.model.load_state_dict(policy.state_dict())
+        self.taken_at = step
+        return True
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep so a resumed run rescales with the same teacher."""
+        return {"taken_at": self.taken_at, "weights": None if self.refresh == 0 else self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.taken_at = state["taken_at"]
+        if state["weights"] is not None:
+            self.model.load_state_dict(state["weights"])
+
+
+@torch.no_grad()
+def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], tokenizer, *, pad_id: int,
+                            temperature: float = 1.0, micro_batch: int = 16) -> torch.Tensor:
+    """log π_T(target token | c^T, earlier target tokens) in batch coordinates [N, L] (0 off-target)."""
+    ti = teacher_inputs(batch.step_ids, batch.input_ids, batch.row_traj, blocks, tokenizer, pad_id=pad_id)
+    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+    device = next(model.parameters()).device
+    for i in range(0, len(ti.rows), micro_batch):
+        sl = slice(i, i + micro_batch)
+        mask = ti.attention_mask[sl]
+        width = int(mask.sum(1).max())
+        logp = sequence_logprobs(model, ti.input_ids[sl, :width].to(device), mask[:, :width].to(device),
+                                 temperature=temperature).float().cpu()
+        tpos, bpos = ti.target_pos[sl], ti.batch_pos[sl]
+        valid = tpos >= 0
+        rows = ti.rows[sl][:, None].expand_as(tpos)
+        out[rows[valid], bpos[valid]] = logp.gather(1, tpos.clamp(min=0))[valid]
+    return out
+
+
+def rescore(batch: RolloutBatch, teacher: torch.nn.Module, tokenizer, cfg: StepOPSDConfig, step: int, *,
+            pad_id: int, temperature: float = 1.0, student_logp: torch.Tensor | None = None,
+            micro_batch: int = 16) -> tuple[torch.Tensor, dict]:
+    """Shaped advantages [N, L] (Eq. 6-12) and diagnostics. `student_logp` defaults to the rollout's."""
+    lam = cfg.lam(step)
+    target = (batch.step_ids >= 0) & (batch.loss_mask > 0)
+    metrics = {"stepopsd/lambda": lam, "stepopsd/target_token_frac": target.sum().item() / max(1.0, batch.loss_mask.sum().item())}
+    if lam == 0.0:  # exactly GRPO: no teacher pass at all
+        return batch.advantages.clone(), metrics
+    blocks = hindsight_blocks(batch.trajectories, tokenizer, peer_budget=cfg.peer_budget_tokens)
+    teacher_logp = teacher_target_logprobs(teacher, batch, blocks, tokenizer, pad_id=pad_id,
+                                           temperature=temperature, micro_batch=micro_batch)
+    student = batch.rollout_logp if student_logp is None else student_logp
+    delta = token_gap(teacher_logp, student, target)  # Eq. 4
+    shaped = shape_advantages(batch.advantages, delta, torch.where(target, batch.step_ids, -1), batch.loss_mask,
+                              alpha_clip=cfg.alpha_clip, lam=lam, weight_fn=cfg.weight_fn,
+                              budget_clip=cfg.budget_clip, traj_ids=batch.row_traj)
+    scores = step_scores(delta, torch.where(target, batch.step_ids, -1))  # Eq. 5
+    success = batch.traj_success[batch.row_traj[scores.rows]]
+    nonzero = (batch.advantages != 0) & (batch.loss_mask > 0)
+    ratio = (shaped[nonzero] / batch.advantages[nonzero] - 1).abs()
+    metrics |= {
+        "stepopsd/delta_mean": delta[target].mean().item() if target.any() else 0.0,
+        "stepopsd/step_score_mean": scores.scores.mean().item() if len(scores.scores) else 0.0,
+        "stepopsd/step_sign_agreement": sign_agreement(scores.scores, success),
+        "stepopsd/shaped_token_frac": ((shaped != batch.advantages) & nonzero).sum().item() / max(1, int(nonzero.sum())),
+        "stepopsd/abs_ratio_dev": ratio.mean().item() if len(ratio) else 0.0,
+    }
+    return shaped, metrics
