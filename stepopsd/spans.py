@@ -27,6 +27,10 @@ def token_span(tokenizer, ids: Sequence[int], start: int, end: int) -> tuple[int
     def prefix_len(k: int) -> int:
         return len(decode(tokenizer, ids[:k]))
 
+    total = prefix_len(len(ids))
+    if end > total:  # past the text: the searches below would return an out-of-range or clipped span
+        raise ValueError(f"character span [{start}, {end}) runs past the decoded text ({total} chars)")
+
     # ts: the last k whose prefix ends at or before `start` (token ts is the first to reach into the span)
     lo, hi = 0, len(ids)
     while lo < hi:
