@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from rich.progress import Progress
 
-from stepopsd.envs.alfworld.demos import DemoOptions, export_demos
+from stepopsd.envs.alfworld.demos import DEMO_FORMAT, DemoOptions, export_demos
 from stepopsd.envs.alfworld.env import load_tasks
 from stepopsd.hindsight import hindsight_text
 from stepopsd.policy.tiny import build_tiny_policy, count_parameters
@@ -48,7 +48,7 @@ class TinySFTConfig:
             raise ValueError("sft: need epochs >= 1, batch_size >= 1, lr > 0 and max_tokens >= 32")
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self) | {"games": os.path.abspath(self.games)}, sort_keys=True)
+        blob = json.dumps(asdict(self) | {"games": os.path.abspath(self.games), "demo_format": DEMO_FORMAT}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
