@@ -91,7 +91,7 @@ def test_demonstrations_export(tasks, tmp_path):
     for r in records:
         action, valid = parse_action(r["response"], require_think=True)
         assert valid and r["is_expert"] and r["data"] == "generated" and r["won"]
-        assert action in r["prompt"] and r["prompt"].startswith("task: ")
+        assert action in r["prompt"] and "\ntask: " in r["prompt"]
     # with epsilon > 0 some random detours were taken: they show in later prompts' history but not as targets
     steps_per_task = {}
     for r in records:
@@ -105,7 +105,7 @@ def test_prompts_carry_history_and_targets_cover_the_action_block(tasks):
     with AlfWorldEnv(num_workers=0, compact=True, history_length=2) as env:
         states = env.reset(tasks[:1], group_size=1)
         first = env.prompt(0)
-        assert first.startswith(f"task: {states[0].goal}") and "obs: " in first
+        assert f"\ntask: {states[0].goal}\n" in first and first.startswith("step: 0") and "obs: " in first
         cmds = states[0].admissible
         env.step({0: act(cmds[0])})
         env.step({0: "no action here"})

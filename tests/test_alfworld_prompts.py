@@ -117,12 +117,12 @@ def test_compact_prompt():
     c = render_prompt(GOAL, OBS, ADMISSIBLE, HISTORY, 3, compact=True)
     assert len(c) < 0.6 * len(full)
     assert c == (
-        "task: put a clean mug in coffeemachine.\n"
         "step: 3\n"
         "obs: On the countertop 1, you see a mug 1. | act: take mug 1 from countertop 1\n"
         "obs: You pick up the mug 1 from the countertop 1. | act: go to sinkbasin 1\n"
         "obs: On the sinkbasin 1, you see nothing.\n"
         "actions: go to countertop 1 | go to sinkbasin 1 | inventory | look\n"
+        "task: put a clean mug in coffeemachine.\n"
         "answer with <think>...</think><action>...</action>"
     )
     for a in ("go to countertop 1", "go to sinkbasin 1", "inventory", "look"):

@@ -23,7 +23,7 @@ from stepopsd.envs.alfworld.tasks import GENERATED_KEY
 from stepopsd.types import Task
 
 
-DEMO_FORMAT = 2  # bump when the records change (the tiny policy's cache key includes it)
+DEMO_FORMAT = 3  # bump when the records change (the tiny policy's cache key includes it)
 
 
 @dataclass(frozen=True)

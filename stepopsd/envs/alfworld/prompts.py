@@ -103,10 +103,12 @@ def render_prompt(
     shown = [(first + j + 1, obs, act) for j, (obs, act) in enumerate(history[first:])]
 
     if compact:
-        lines = [f"task: {_one_line(goal)}", f"step: {steps_taken}"]
+        # the task comes last, next to where the answer starts: a tiny model attends to it far better
+        lines = [f"step: {steps_taken}"]
         lines += [f"obs: {_one_line(o)} | act: {_one_line(a)}" for _, o, a in shown]
         lines.append(f"obs: {_one_line(observation)}")
         lines.append("actions: " + " | ".join(commands))
+        lines.append(f"task: {_one_line(goal)}")
         lines.append("answer with <think>...</think><action>...</action>")
         return "\n".join(lines)
 
