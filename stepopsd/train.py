@@ -96,7 +96,7 @@ def train(cfg: DictConfig) -> float:
                                    tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed)
     module = GRPOModule(policy, ppo)
     validation = RolloutValidation(val_tasks, rollout_cfg, every=cfg.val_every, temperature=cfg.rollout.val_temperature,
-                                   seed=cfg.seed)
+                                   samples=cfg.val_samples, seed=cfg.seed)
     callbacks = [RolloutLogging(), validation,
                  ModelCheckpoint(dirpath=os.path.join(cfg.paths.output_dir, "checkpoints"),
                                  every_n_train_steps=None, save_last=True, save_on_train_epoch_end=True),

@@ -1,5 +1,5 @@
 """Callbacks around rollouts: attach generation to the trained policy, log rollout metrics, and
-evaluate success on validation games (temperature 0.4, one rollout per game) at the start, every
+evaluate success on validation games (temperature 0.4, `samples` rollouts per game) at the start, every
 `every` training steps and at the end. Validation games are counted per task type; a run on
 generated games says so in every metric name's prefix (`val_generated/...`)."""
 from __future__ import annotations
@@ -24,9 +24,10 @@ class RolloutLogging(L.Callback):
 
 
 class RolloutValidation(L.Callback):
-    def __init__(self, tasks: list[Task], rollout_cfg: RolloutConfig, *, every: int, temperature: float = 0.4, seed: int = 0):
+    def __init__(self, tasks: list[Task], rollout_cfg: RolloutConfig, *, every: int, temperature: float = 0.4,
+                 samples: int = 1, seed: int = 0):
         self.tasks = tasks
-        self.cfg = dataclasses.replace(rollout_cfg, group_size=1,
+        self.cfg = dataclasses.replace(rollout_cfg, group_size=samples,
                                        sampling=dataclasses.replace(rollout_cfg.sampling, temperature=temperature))
         self.every, self.seed = every, seed
         self.label = "+".join(sorted({t.data_label for t in tasks}))
