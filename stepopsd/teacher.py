@@ -83,10 +83,11 @@ def rescore(batch: RolloutBatch, teacher: torch.nn.Module, tokenizer, cfg: StepO
                                            temperature=temperature, micro_batch=micro_batch)
     student = batch.rollout_logp if student_logp is None else student_logp
     delta = token_gap(teacher_logp, student, target)  # Eq. 4
-    shaped = shape_advantages(batch.advantages, delta, torch.where(target, batch.step_ids, -1), batch.loss_mask,
+    step_ids = torch.where(target, batch.step_ids, -1)  # targets inside the loss mask only
+    shaped = shape_advantages(batch.advantages, delta, step_ids, batch.loss_mask,
                               alpha_clip=cfg.alpha_clip, lam=lam, weight_fn=cfg.weight_fn,
                               budget_clip=cfg.budget_clip, traj_ids=batch.row_traj)
-    scores = step_scores(delta, torch.where(target, batch.step_ids, -1))  # Eq. 5
+    scores = step_scores(delta, step_ids)  # Eq. 5
     success = batch.traj_success[batch.row_traj[scores.rows]]
     nonzero = (batch.advantages != 0) & (batch.loss_mask > 0)
     ratio = (shaped[nonzero] / batch.advantages[nonzero] - 1).abs()

@@ -645,3 +645,20 @@ def test_bad_config_values_raise_one_line(cls, kwargs):
     assert message and "\n" not in message
     assert any(name.rstrip("0") in message for name in kwargs)  # names the knob (lam0 -> "lam")
     cls()  # the defaults are valid
+
+
+def test_task_order_is_a_seeded_permutation_per_pass_split_across_ranks():
+    from types import SimpleNamespace
+
+    from stepopsd.data.datamodule import RolloutDataModule
+
+    def picks(rank, world, steps):
+        dm = RolloutDataModule(list(range(6)), None, None, None, None, tasks_per_step=1, seed=3)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=world)
+        return [t for _ in range(steps) for t in dm._rank_tasks(1)]
+
+    single = picks(0, 1, 12)
+    assert sorted(single[:6]) == sorted(single[6:]) == list(range(6)) and single[:6] != single[6:]
+    r0, r1 = picks(0, 2, 3), picks(1, 2, 3)
+    assert sorted(r0 + r1) == list(range(6))  # two ranks share one pass without overlap
+    assert [single[i] for i in (0, 2, 4)] == r0 and [single[i] for i in (1, 3, 5)] == r1

@@ -64,13 +64,13 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _rank_tasks(self, count: int) -> list[Task]:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        picked = []
+        picked, orders = [], {}
         for i in range(count * world):
             epoch, j = divmod(self.position + i, len(self.tasks))
-            order = list(range(len(self.tasks)))
-            random.Random(self.seed * 7919 + epoch).shuffle(order)
+            if epoch not in orders:  # one seeded shuffle per pass over the tasks
+                orders[epoch] = random.Random(self.seed * 7919 + epoch).sample(range(len(self.tasks)), len(self.tasks))
             if i % world == rank:
-                picked.append(self.tasks[order[j]])
+                picked.append(self.tasks[orders[epoch][j]])
         self.position += count * world
         return picked
 
