@@ -52,8 +52,9 @@ class TeacherSnapshot:
 @torch.no_grad()
 def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], tokenizer, *, pad_id: int,
                             temperature: float = 1.0, micro_batch: int = 16) -> torch.Tensor:
-    """log π_T(target token | c^T, earlier target tokens) in batch coordinates [N, L] (0 off-target)."""
-    ti = teacher_inputs(batch.step_ids, batch.input_ids, batch.row_traj, blocks, tokenizer, pad_id=pad_id)
+    """log π_T(target token | c^T, earlier target tokens) in batch coordinates [N, L] (0 off-target),
+    on the batch's device. The teacher contexts are assembled on the host, scored on the teacher's device."""
+    ti = teacher_inputs(batch.step_ids.cpu(), batch.input_ids.cpu(), batch.row_traj.cpu(), blocks, tokenizer, pad_id=pad_id)
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
     device = next(model.parameters()).device
     for i in range(0, len(ti.rows), micro_batch):
@@ -66,7 +67,7 @@ def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], token
         valid = tpos >= 0
         rows = ti.rows[sl][:, None].expand_as(tpos)
         out[rows[valid], bpos[valid]] = logp.gather(1, tpos.clamp(min=0))[valid]
-    return out
+    return out.to(batch.input_ids.device)
 
 
 def rescore(batch: RolloutBatch, teacher: torch.nn.Module, tokenizer, cfg: StepOPSDConfig, step: int, *,

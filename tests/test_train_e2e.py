@@ -51,6 +51,20 @@ def test_train_runs_end_to_end_and_updates_the_policy(algorithm, games, tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change the policy"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
+@pytest.mark.parametrize("algorithm", ["grpo", "stepopsd"])
+def test_train_on_the_gpu(algorithm, games, tmp_path_factory):
+    """The same tiny run with trainer.accelerator=gpu: rollouts, rescoring and updates on the GPU."""
+    cache = tmp_path_factory.getbasetemp() / "tiny-cache"
+    out = tmp_path_factory.mktemp(f"gpu-{algorithm}")
+    proc = run_train("experiment=alfworld_heat", "machine=cpu", f"algorithm={algorithm}", "trainer.accelerator=gpu",
+                     *tiny_overrides(games, cache, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, steps = train_rows(out)
+    assert len(steps) == 2 and all(float(r["actor/rollout_logp_gap"]) < 1e-3 for r in steps)
+    assert ("stepopsd/lambda" in rows[0]) == (algorithm == "stepopsd")
+
+
 def test_bad_config_fails_fast_with_one_line(games, tmp_path):
     proc = run_train("experiment=alfworld_heat", "machine=cpu", "group_size=1", *tiny_overrides(games, tmp_path, tmp_path)[:1])
     assert proc.returncode == 2 and "group_size=1" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
