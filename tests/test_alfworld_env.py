@@ -121,3 +121,36 @@ def test_prompts_carry_history_and_targets_cover_the_action_block(tasks):
     assert env.target_chars("<think>x</think>", "full_step") is None
     with pytest.raises(ValueError, match="does not apply to ALFWorld"):
         env.target_chars(response, "clean_step_no_observation")
+
+
+PLAY_RANDOM = """
+import glob, json, random, sys
+from stepopsd.envs.alfworld.engine import AlfWorldEngine
+import textworld.envs.pddl.textgen as textgen
+rng, engine, seen = random.Random(0), AlfWorldEngine(), []
+for game in sorted(glob.glob(sys.argv[1] + "/**/game.tw-pddl", recursive=True)):
+    state = engine.reset(game)
+    seen.append(state)
+    for _ in range(12):
+        state = engine.step(rng.choice(sorted(state["admissible"])))
+        seen.append(state)
+print(json.dumps({"cached": getattr(textgen._parse_and_convert, "stepopsd_cached", False), "seen": seen}))
+"""
+
+
+def test_textgen_cache_gives_the_same_text_as_plain_textworld(generated_games):
+    """Random commands on every generated game, with and without the textgen speed-up: same observations,
+    admissible commands and win flags (run in fresh processes, since the patch is process-wide)."""
+    import subprocess
+    import sys
+
+    runs = []
+    for plain in ("", "1"):
+        env = dict(os.environ, STEPOPSD_PLAIN_TEXTWORLD=plain)
+        proc = subprocess.run([sys.executable, "-c", PLAY_RANDOM, str(generated_games[0])], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert runs[0]["cached"] and not runs[1]["cached"]
+    assert len(runs[0]["seen"]) >= 12 * 13
+    assert runs[0]["seen"] == runs[1]["seen"]

@@ -3,21 +3,25 @@
 Each configuration resets the same batch (tasks x group), then steps every live slot with a
 seeded random admissible command (the engine work of an RL rollout, without a model) for a fixed
 number of rounds. All configurations run in one command, so the ratio is measured on one machine
-under one load. Usage:
+under one load. `--textgen plain cached` also compares TextWorld's own text generation with the
+cached one of `stepopsd.envs.alfworld.textgen_cache` (the worker processes read the switch). Usage:
     python experiments/benchmarks/env_throughput.py --games DIR --workers 1 2 --tasks 4 --group 4 --rounds 25
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import subprocess
 import time
 
+from stepopsd.envs.alfworld import textgen_cache
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.prompts import format_response
 
 
-def run(tasks, group: int, workers: int, rounds: int, seed: int) -> dict:
+def run(tasks, group: int, workers: int, rounds: int, seed: int, textgen: str = "cached") -> dict:
+    os.environ[textgen_cache.DISABLE_VAR] = "1" if textgen == "plain" else ""  # read by the spawned workers
     rng = random.Random(seed)
     with AlfWorldEnv(num_workers=workers, max_steps=rounds + 1) as env:
         env.reset(tasks, group)  # warm-up: worker start-up and first game load are not measured
@@ -34,7 +38,7 @@ def run(tasks, group: int, workers: int, rounds: int, seed: int) -> dict:
                 states[i] = tr.state
             steps += len(out)
         step_s = time.perf_counter() - t0
-    return {"workers": workers, "slots": len(tasks) * group, "reset_s": reset_s, "steps": steps, "steps_per_s": steps / step_s}
+    return {"workers": workers, "textgen": textgen, "slots": len(tasks) * group, "reset_s": reset_s, "steps": steps, "steps_per_s": steps / step_s}
 
 
 def main() -> None:
@@ -46,17 +50,18 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--textgen", nargs="+", choices=["plain", "cached"], default=["cached"])
     a = p.parse_args()
     tasks = load_tasks(a.games, a.split, limit=a.tasks)
     label = "+".join(sorted({t.data_label for t in tasks}))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    rows = [run(tasks, a.group, w, a.rounds, a.seed) for w in a.workers]
+    rows = [run(tasks, a.group, w, a.rounds, a.seed, t) for w in a.workers for t in a.textgen]
     base = rows[0]["steps_per_s"]
     print(f"ALFWorld env throughput [{label} games], commit {commit}, {len(tasks)} tasks x {a.group} group, {a.rounds} rounds")
-    print("| workers | slots | env steps | steps/s | speed-up vs first | reset (s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| workers | textgen | slots | env steps | steps/s | speed-up vs first | reset (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['workers']} | {r['slots']} | {r['steps']} | {r['steps_per_s']:.1f} | {r['steps_per_s'] / base:.2f}x | {r['reset_s']:.2f} |")
+        print(f"| {r['workers']} | {r['textgen']} | {r['slots']} | {r['steps']} | {r['steps_per_s']:.1f} | {r['steps_per_s'] / base:.2f}x | {r['reset_s']:.2f} |")
 
 
 if __name__ == "__main__":
