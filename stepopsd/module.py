@@ -18,7 +18,7 @@ import torch
 
 from stepopsd.algorithms.grpo import AGGREGATIONS, aggregate, entropy_from_logits, kl_k3, policy_loss, ppo_stats
 from stepopsd.data.batch import RolloutBatch
-from stepopsd.policy.logprobs import position_ids_from_mask, token_logprobs
+from stepopsd.policy.logprobs import left_align, tail_logprobs, tail_width
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,6 @@ class PPOConfig:
             raise ValueError("ppo: kl_coef and entropy_coef must be >= 0, max_grad_norm and temperature > 0")
 
 
-def shifted_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """[B, T, V] logits, [B, T] ids -> [B, T] log p(token t | prefix); position 0 gets 0."""
-    return torch.nn.functional.pad(token_logprobs(logits[:, :-1], input_ids[:, 1:], temperature=temperature), (1, 0))
-
-
 class GRPOModule(L.LightningModule):
     def __init__(self, policy: torch.nn.Module, ppo: PPOConfig):
         super().__init__()
@@ -70,10 +65,31 @@ class GRPOModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": schedule}
 
-    def _logits(self, model, rows):
-        mask = rows["attention_mask"]
-        return model(input_ids=rows["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                     use_cache=False).logits
+    def mini_batch_loss(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """Eq. 14 on one mini-batch of right-padded rows (`RolloutBatch.rows`): the clipped surrogate,
+        minus c_ent * entropy, plus beta_KL * k3 KL to the reference. The rows are left-aligned so that
+        every response ends in the last column and the LM head runs on the response window only; the
+        returned parts (detached log-probs, loss terms, the window's row tensors) are for the logs."""
+        ppo = self.ppo
+        rows = left_align(rows, rows["attention_mask"])
+        keep = tail_width(rows["loss_mask"])
+        tail = {k: v[:, -keep:] for k, v in rows.items()}
+        mask = tail["loss_mask"]
+        logp, logits = tail_logprobs(self.policy, rows["input_ids"], rows["attention_mask"], keep,
+                                     temperature=ppo.temperature)
+        pg = policy_loss(logp, tail["rollout_logp"], tail["advantages"], mask,
+                         clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg)
+        entropy = aggregate(entropy_from_logits(logits.float() / ppo.temperature), mask, ppo.agg)
+        loss = pg - ppo.entropy_coef * entropy
+        parts = {"logp": logp.detach(), "pg_loss": pg.detach(), "entropy": entropy.detach(), "tail": tail}
+        if self.reference is not None:
+            with torch.no_grad():
+                ref, _ = tail_logprobs(self.reference, rows["input_ids"], rows["attention_mask"], keep,
+                                       temperature=ppo.temperature)
+            kl = aggregate(kl_k3(logp, ref), mask, ppo.agg)
+            loss = loss + ppo.kl_coef * kl
+            parts["kl_ref"] = kl.detach()
+        return loss, parts
 
     def training_step(self, batch: RolloutBatch, batch_idx: int):
         t0 = time.perf_counter()
@@ -88,30 +104,21 @@ class GRPOModule(L.LightningModule):
             for i, idx in enumerate(torch.tensor_split(order, chunks)):
                 weight = 1.0 if len(idx) else 0.0  # an empty share still joins the ranks' all-reduce
                 rows = {k: v.to(self.device) for k, v in batch.rows(idx if len(idx) else order[:1]).items()}
-                mask = rows["loss_mask"]
-                logits = self._logits(self.policy, rows)
-                logp = shifted_logprobs(logits, rows["input_ids"], ppo.temperature)
+                loss, parts = self.mini_batch_loss(rows)
+                logp, tail = parts["logp"], parts["tail"]
+                mask = tail["loss_mask"]
                 if epoch == 0 and i == 0:
-                    self._check_logp_gap(logp.detach(), rows["rollout_logp"], mask, metrics)
-                loss = policy_loss(logp, rows["rollout_logp"], rows["advantages"], mask,
-                                   clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg)
-                pg_loss = loss.detach()
-                entropy = aggregate(entropy_from_logits(logits.float() / ppo.temperature), mask, ppo.agg)
-                loss = loss - ppo.entropy_coef * entropy
-                if self.reference is not None:
-                    with torch.no_grad():
-                        ref = shifted_logprobs(self._logits(self.reference, rows), rows["input_ids"], ppo.temperature)
-                    kl = aggregate(kl_k3(logp, ref), mask, ppo.agg)
-                    loss = loss + ppo.kl_coef * kl
-                    _add(metrics, "actor/kl_ref", kl.item())
+                    self._check_logp_gap(logp, tail["rollout_logp"], mask, metrics)
+                if "kl_ref" in parts:
+                    _add(metrics, "actor/kl_ref", parts["kl_ref"].item())
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss * weight)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), ppo.max_grad_norm)
                 opt.step()
-                stats = ppo_stats(logp.detach(), rows["rollout_logp"], rows["advantages"], mask,
+                stats = ppo_stats(logp, tail["rollout_logp"], tail["advantages"], mask,
                                   clip_low=ppo.clip_low, clip_high=ppo.clip_high)
-                _add(metrics, "actor/pg_loss", pg_loss.item())
-                _add(metrics, "actor/entropy", entropy.item())
+                _add(metrics, "actor/pg_loss", parts["pg_loss"].item())
+                _add(metrics, "actor/entropy", parts["entropy"].item())
                 _add(metrics, "actor/grad_norm", grad_norm.item())
                 for k in ("approx_kl", "clip_fraction", "ratio_mean"):
                     _add(metrics, f"actor/{k}", stats[k])

@@ -15,7 +15,7 @@ import torch
 from stepopsd.algorithms.stepopsd import StepOPSDConfig, shape_advantages, sign_agreement, step_scores, token_gap
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.hindsight import alfworld_peer_lines, hindsight_blocks, teacher_inputs
-from stepopsd.policy.logprobs import sequence_logprobs
+from stepopsd.policy.logprobs import left_align, tail_logprobs
 
 
 class TeacherSnapshot:
@@ -61,12 +61,17 @@ def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], token
         sl = slice(i, i + micro_batch)
         mask = ti.attention_mask[sl]
         width = int(mask.sum(1).max())
-        logp = sequence_logprobs(model, ti.input_ids[sl, :width].to(device), mask[:, :width].to(device),
-                                 temperature=temperature).float().cpu()
         tpos, bpos = ti.target_pos[sl], ti.batch_pos[sl]
         valid = tpos >= 0
+        # left-align: the targets close each teacher row, so the LM head runs on the target window only
+        shift = width - mask[:, :width].sum(1, keepdim=True)
+        left = left_align({"ids": ti.input_ids[sl, :width], "mask": mask[:, :width]}, mask[:, :width])
+        tpos = torch.where(valid, tpos + shift, 0)
+        keep = width - int(tpos[valid].min()) if valid.any() else 1
+        logp, _ = tail_logprobs(model, left["ids"].to(device), left["mask"].to(device), keep, temperature=temperature)
+        logp = logp.float().cpu()
         rows = ti.rows[sl][:, None].expand_as(tpos)
-        out[rows[valid], bpos[valid]] = logp.gather(1, tpos.clamp(min=0))[valid]
+        out[rows[valid], bpos[valid]] = logp.gather(1, (tpos - (width - keep)).clamp(min=0))[valid]
     return out.to(batch.input_ids.device)
 
 

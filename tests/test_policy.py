@@ -13,7 +13,7 @@ import torch
 from stepopsd.envs.alfworld.prompts import action_span, format_response, render_prompt
 from stepopsd.policy.backends import Generation, HFBackend, SamplingParams
 from stepopsd.policy.loading import is_hub_id, load_policy
-from stepopsd.policy.logprobs import sequence_logprobs
+from stepopsd.policy.logprobs import left_align, sequence_logprobs, tail_logprobs, tail_width
 from stepopsd.policy.tiny import build_tiny_policy, count_parameters, tiny_qwen3_config
 from stepopsd.policy.tokenizer import CHAT_TEMPLATE, PROTOCOL_TAGS, SPECIAL_TOKENS, train_word_tokenizer
 from stepopsd.spans import decode, token_span
@@ -272,8 +272,29 @@ def test_generate_stops_at_eos_and_drops_padding(tok, tiny, prompts):
         for row, (p, g) in enumerate(zip(many, gens)):
             assert torch.allclose(lp[row, len(p):len(p) + len(g.token_ids)], torch.tensor(g.logprobs), atol=1e-4)
         assert torch.all(lp[:, 0] == 0) and torch.all(lp[mask == 0] == 0)
+        # the trainer's path: left-align, LM head on the response window only -> the same log-probs
+        loss_mask = torch.tensor([[0] * len(p) + [1] * len(g.token_ids) + [0] * (width - len(p) - len(g.token_ids))
+                                  for p, g in zip(many, gens)])
+        left = left_align({"ids": ids, "mask": mask, "loss": loss_mask, "lp": lp}, mask)
+        keep = tail_width(left["loss"])
+        assert keep == max(len(g.token_ids) for g in gens)
+        with torch.no_grad():
+            tail, logits = tail_logprobs(tiny, left["ids"], left["mask"], keep)
+        assert logits.shape == (len(many), keep, tiny.config.vocab_size)
+        on = left["loss"][:, -keep:] > 0
+        assert torch.allclose(tail[on], left["lp"][:, -keep:][on], atol=1e-5)
     finally:
         hook.remove()
+
+
+def test_left_align_moves_real_tokens_to_the_end():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    ids = torch.tensor([[5, 6, 7, 0, 0], [1, 2, 3, 4, 5], [9, 0, 0, 0, 0]])
+    loss = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1], [0, 0, 0, 0, 0]])
+    out = left_align({"ids": ids, "mask": mask, "loss": loss}, mask)
+    assert out["ids"].tolist() == [[0, 0, 5, 6, 7], [1, 2, 3, 4, 5], [0, 0, 0, 0, 9]]
+    assert out["mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]
+    assert tail_width(out["loss"]) == 2 and tail_width(torch.zeros(2, 4)) == 1
 
 
 def test_temperature_zero_is_greedy(tok, tiny, prompts):

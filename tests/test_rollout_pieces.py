@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from stepopsd.algorithms.grpo import aggregate, entropy_from_logits, policy_loss
+from stepopsd.algorithms.grpo import aggregate, policy_loss
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.callbacks.rescoring import TeacherRescoring
 from stepopsd.data.batch import RolloutBatch, build_batch
 from stepopsd.envs.alfworld.prompts import action_span, format_response, parse_action, render_prompt, step_reward
 from stepopsd.hindsight import alfworld_peer_lines, fit_from_front, hindsight_blocks, hindsight_text, teacher_inputs
-from stepopsd.module import GRPOModule, PPOConfig, shifted_logprobs
+from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import Generation, SamplingParams
 from stepopsd.policy.logprobs import sequence_logprobs
 from stepopsd.policy.tiny import build_tiny_policy
@@ -470,11 +470,7 @@ def _loss_and_grads(policy, rows, ppo: PPOConfig):
     """The loss of one training_step mini-batch (Eq. 13-14), and every parameter's gradient."""
     module = GRPOModule(policy, ppo)
     policy.zero_grad(set_to_none=True)
-    logits = module._logits(policy, rows)
-    logp = shifted_logprobs(logits, rows["input_ids"], ppo.temperature)
-    loss = policy_loss(logp, rows["rollout_logp"], rows["advantages"], rows["loss_mask"],
-                       clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg)
-    loss = loss - ppo.entropy_coef * aggregate(entropy_from_logits(logits.float()), rows["loss_mask"], ppo.agg)
+    loss, _ = module.mini_batch_loss(rows)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in policy.parameters()]
 

@@ -56,3 +56,31 @@ def sequence_logprobs(
     lp = token_logprobs(out.logits[:, :-1], input_ids[:, 1:], temperature=temperature)
     lp = lp * attention_mask[:, 1:].to(lp.dtype)
     return torch.cat([lp.new_zeros(lp.shape[0], 1), lp], dim=1)
+
+
+def left_align(tensors: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Turn RIGHT-padded rows into left-padded ones: each row's real tokens move to the last columns
+    (all tensors of the dict alike, [B, W] each), so that the responses of every row end together."""
+    width = attention_mask.shape[1]
+    shift = width - attention_mask.long().sum(1, keepdim=True)  # [B, 1]
+    index = (torch.arange(width, device=attention_mask.device)[None, :] - shift) % width  # [B, W]
+    return {name: t.gather(1, index) for name, t in tensors.items()}
+
+
+def tail_width(loss_mask: torch.Tensor) -> int:
+    """Columns from the first loss token of any row to the end of a left-aligned [B, W] batch (>= 1)."""
+    width = loss_mask.shape[1]
+    cols = torch.arange(width, device=loss_mask.device).expand_as(loss_mask)
+    first = torch.where(loss_mask > 0, cols, width).min()
+    return max(1, width - int(first))
+
+
+def tail_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int, *,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """log-probs [B, keep] of the last `keep` tokens of a LEFT-padded batch and the logits [B, keep, V]
+    that gave them. The LM head runs on those positions only (`logits_to_keep`): for a policy whose
+    vocabulary is large next to its hidden size, most of the cost of scoring a long prompt."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, logits_to_keep=keep + 1)
+    logits = out.logits[:, :-1]  # position t predicts token t + 1
+    return token_logprobs(logits, input_ids[:, -keep:], temperature=temperature), logits
