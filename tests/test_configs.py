@@ -56,6 +56,10 @@ def test_paper_protocols():
     # machine=cpu picks the environment's own overlay
     assert cfg_of("experiment=searchqa", "machine=cpu").env.max_steps == 4
     assert cfg_of("experiment=alfworld_heat", "machine=cpu").env.max_steps == 20
+    # the ALFWorld overlay adds the KL anchor on top of machine=cpu's PPO settings (merged, not replaced)
+    heat_cpu, qa_cpu = cfg_of("experiment=alfworld_heat", "machine=cpu"), cfg_of("experiment=searchqa", "machine=cpu")
+    assert heat_cpu.algorithm.ppo.kl_coef == 0.05 and heat_cpu.algorithm.ppo.lr == qa_cpu.algorithm.ppo.lr == 5e-4
+    assert qa_cpu.algorithm.ppo.kl_coef == 0.0 and heat_cpu.training_steps == 20 and qa_cpu.training_steps == 10
 
 
 @pytest.mark.parametrize("override, words", [

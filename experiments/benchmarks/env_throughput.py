@@ -4,7 +4,7 @@ Each configuration resets the same batch (tasks x group), then steps every live 
 seeded random admissible command (the engine work of an RL rollout, without a model) for a fixed
 number of rounds. All configurations run in one command, so the ratio is measured on one machine
 under one load. `--textgen plain cached` also compares TextWorld's own text generation with the
-cached one of `stepopsd.envs.alfworld.textgen_cache` (the worker processes read the switch). Usage:
+cached one of `stepopsd.envs.alfworld.engine_cache` (the worker processes read the switch). Usage:
     python experiments/benchmarks/env_throughput.py --games DIR --workers 1 2 --tasks 4 --group 4 --rounds 25
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ import random
 import subprocess
 import time
 
-from stepopsd.envs.alfworld import textgen_cache
+from stepopsd.envs.alfworld import engine_cache
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.prompts import format_response
 
 
 def run(tasks, group: int, workers: int, rounds: int, seed: int, textgen: str = "cached") -> dict:
-    os.environ[textgen_cache.DISABLE_VAR] = "1" if textgen == "plain" else ""  # read by the spawned workers
+    os.environ[engine_cache.DISABLE_VAR] = "1" if textgen == "plain" else ""  # read by the spawned workers
     rng = random.Random(seed)
     with AlfWorldEnv(num_workers=workers, max_steps=rounds + 1) as env:
         env.reset(tasks, group)  # warm-up: worker start-up and first game load are not measured

@@ -89,7 +89,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tenso
     token_mean               sum(v*m) / sum(m) over the whole batch
     seq_mean_token_mean      mean over rows with >= 1 mask token of each row's masked token mean
     seq_mean_token_sum_norm  (Dr.GRPO) each row's sum(v*m) / T with T = mask.shape[1], mean over
-                             all rows
+                             all rows (the trainer passes the response window of a mini-batch, so
+                             T is its longest response span)
     Masked-out values are excluded with `where`, so NaN/inf there never leak. An all-zero mask
     gives 0 (with a gradient of zeros) instead of NaN.
     """

@@ -9,9 +9,9 @@ from __future__ import annotations
 import textworld
 from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredExpert, AlfredInfos
 
-from stepopsd.envs.alfworld import textgen_cache
+from stepopsd.envs.alfworld import engine_cache
 
-textgen_cache.install()  # same text, ~2x faster steps (see textgen_cache); STEPOPSD_PLAIN_TEXTWORLD=1 turns it off
+engine_cache.install()  # same text, faster steps and resets (see engine_cache); STEPOPSD_PLAIN_TEXTWORLD=1 turns it off
 
 BANNER = "-= Welcome to TextWorld, ALFRED! =-"
 GOAL_MARK = "Your task is to: "
