@@ -3,8 +3,9 @@
 Each configuration resets the same batch (tasks x group), then steps every live slot with a
 seeded random admissible command (the engine work of an RL rollout, without a model) for a fixed
 number of rounds. All configurations run in one command, so the ratio is measured on one machine
-under one load. `--textgen plain cached` also compares TextWorld's own text generation with the
-cached one of `stepopsd.envs.alfworld.engine_cache` (the worker processes read the switch). Usage:
+under one load. `--textgen plain cached` also compares the engine as shipped with the caches of
+`stepopsd.envs.alfworld.engine_cache` (text generation and PDDL translation; the worker processes
+read the switch). Usage:
     python experiments/benchmarks/env_throughput.py --games DIR --workers 1 2 --tasks 4 --group 4 --rounds 25
 """
 from __future__ import annotations
