@@ -2,6 +2,8 @@
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+import stepopsd.launch  # noqa: F401  registers ${stepopsd.run_stamp:...} (conf/hydra/default.yaml)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:

@@ -4,14 +4,17 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import stepopsd.launch  # noqa: F401  registers ${stepopsd.run_stamp:...}, the run directory every rank shares
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    from stepopsd.launch import LaunchError
     from stepopsd.train import ConfigError, train
 
     try:
         return train(cfg)
-    except (ConfigError, FileNotFoundError) as e:  # bad knobs, missing data: one line, before any work
+    except (ConfigError, FileNotFoundError, LaunchError) as e:  # bad knobs, missing data, rank 0 failed: one line
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

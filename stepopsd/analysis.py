@@ -3,7 +3,7 @@
 `read_metrics(run_dir)` returns {metric name: [(step, value), ...]} from
 `<run dir>/csv/version_*/metrics.csv` (the latest version), skipping the empty cells the CSV
 logger writes for metrics not logged on a row. `validation(run_dir)` picks the validation series
-(`val/...` on official data, `val_generated/...` on generated data: the label stays in the name).
+(`val/<split>/...` on official data, `val_generated/<split>/...` on generated data: the label stays in the name).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Evaluate a policy: `python eval.py experiment=alfworld_heat machine=cpu [policy=DIR] [eval.split=...]`.
 
-Rolls out `eval.samples` episodes per task of `eval.split` with the same loop, environment and
+Rolls out `eval.samples` episodes per task of `eval.split` (default: the first of `data.val_splits`) with the same loop, environment and
 prompts as training (temperature `rollout.val_temperature`), and reports success per task type,
 (Search-QA: exact match per data source), labelled with the data it ran on (generated or official). `policy` is a folder written by
 `save_pretrained` (a run's `<run dir>/policy`) or a hub id; left out, it is the experiment's own
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from stepopsd.policy.backends.hf import HFBackend
 from stepopsd.policy.loading import load_policy
 from stepopsd.rollout import rollout
-from stepopsd.train import (ConfigError, build_policy, check_config, env_factory, load_split, prepare_data,
+from stepopsd.train import (ConfigError, build_policy, check_config, check_splits, env_factory, load_split, prepare_data,
                             retrieval_service)
 
 
@@ -28,12 +28,13 @@ def evaluate(cfg: DictConfig) -> dict:
     e = cfg.eval
     if e.samples < 1:
         raise ConfigError(f"eval.samples={e.samples} must be >= 1")
+    check_splits(cfg, e.split, "eval.split")
     if e.policy and not os.path.isdir(e.policy) and os.path.sep in e.policy:
         raise ConfigError(f"eval.policy={e.policy}: no such folder (a run saves its policy to <run dir>/policy)")
     data = prepare_data(cfg)
     tasks = load_split(cfg, data, e.split, cfg.data.val_task_types, limit=e.limit)
     label = "+".join(sorted({t.data_label for t in tasks}))
-    policy, tokenizer = load_policy(e.policy, dtype=cfg.model.dtype) if e.policy else build_policy(cfg, data)
+    policy, tokenizer = load_policy(e.policy, dtype=cfg.model.dtype) if e.policy else build_policy(cfg, data, tasks)
     sampling = dataclasses.replace(rollout_cfg.sampling, temperature=cfg.rollout.val_temperature)
     run_cfg = dataclasses.replace(rollout_cfg, group_size=e.samples, sampling=sampling)
     backend = HFBackend(policy, tokenizer, batch_size=cfg.rollout.generate_batch_size)

@@ -1,7 +1,10 @@
 """The GRPO LightningModule: PPO-clip updates on a `RolloutBatch` (Eq. 13-14), manual optimisation.
 
-One training step = one rollout batch: `epochs` passes over random row mini-batches, each a
-forward pass, the clipped surrogate with the advantages in the batch (plain GRPO, or StepOPSD's
+One training step = one rollout batch: `epochs` passes over random row mini-batches (one optimizer
+step each), each split into micro-batches (`micro_batch_rows` rows, or a token budget) whose
+gradients accumulate before the step, with every loss term normalised over the whole mini-batch so
+the gradient does not depend on the split; under DDP only the last micro-batch all-reduces. Per
+micro-batch: a forward pass, the clipped surrogate with the advantages in the batch (plain GRPO, or StepOPSD's
 after the TeacherRescoring callback reshaped them), k3 KL to a frozen reference, an entropy bonus,
 gradient clipping and an optimizer step. Before the first update the trainer's log-probs must equal
 the rollout's (the policy has not moved): their gap is logged every step and a gap past
@@ -9,6 +12,7 @@ the rollout's (the policy has not moved): their gap is logged every step and a g
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -16,8 +20,9 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 
-from stepopsd.algorithms.grpo import AGGREGATIONS, aggregate, entropy_from_logits, kl_k3, policy_loss, ppo_stats
-from stepopsd.data.batch import RolloutBatch
+from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm, entropy_from_logits, kl_k3,
+                                     policy_loss, ppo_stats)
+from stepopsd.data.batch import RolloutBatch, micro_batches
 from stepopsd.policy.logprobs import left_align, tail_logprobs, tail_width
 
 
@@ -27,7 +32,9 @@ class PPOConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up over this many training steps (Search-QA: 10 %)
     weight_decay: float = 0.0
     epochs: int = 1
-    mini_batch_rows: int = 256
+    mini_batch_rows: int = 256  # rows per optimizer step (the protocol's unit)
+    micro_batch_rows: int = 0  # rows per forward/backward inside a mini-batch (0: the whole mini-batch)
+    micro_batch_tokens: int = 0  # and/or at most this many padded tokens per micro-batch (0: no budget)
     clip_low: float = 0.2
     clip_high: float = 0.2
     agg: str = "token_mean"
@@ -40,6 +47,10 @@ class PPOConfig:
     def __post_init__(self):
         if self.lr <= 0 or self.epochs < 1 or self.mini_batch_rows < 1 or self.warmup_steps < 0:
             raise ValueError("ppo: lr must be > 0, epochs >= 1, mini_batch_rows >= 1 and warmup_steps >= 0")
+        if self.micro_batch_rows < 0 or self.micro_batch_tokens < 0 or self.micro_batch_rows > self.mini_batch_rows:
+            raise ValueError(f"ppo.micro_batch_rows={self.micro_batch_rows}, micro_batch_tokens={self.micro_batch_tokens}: "
+                             f"need 0 <= micro_batch_rows <= mini_batch_rows ({self.mini_batch_rows}) and tokens >= 0 "
+                             "(0 = off)")
         if not (0 < self.clip_low < 1 and self.clip_high > 0):
             raise ValueError(f"ppo: need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}")
         if self.agg not in AGGREGATIONS:
@@ -49,14 +60,22 @@ class PPOConfig:
 
 
 class GRPOModule(L.LightningModule):
-    def __init__(self, policy: torch.nn.Module, ppo: PPOConfig):
+    """`policy`'s trainable weights must be float32 (the optimizer's master copy; compute in bf16 comes
+    from `trainer.precision=bf16-mixed`); the frozen KL reference is kept in `frozen_dtype`."""
+
+    def __init__(self, policy: torch.nn.Module, ppo: PPOConfig, *, frozen_dtype: torch.dtype | None = None):
         super().__init__()
+        low = sorted({str(p.dtype) for p in policy.parameters() if p.requires_grad and p.dtype != torch.float32})
+        if low:
+            raise ValueError(f"the policy's trainable weights are {', '.join(low)}: AdamW would update them in place "
+                             "below their resolution; load the policy in float32 (model.dtype=float32) and run "
+                             "trainer.precision=bf16-mixed")
         self.policy = policy
         self.ppo = ppo
         self.automatic_optimization = False
         self.reference = None
         if ppo.kl_coef > 0:  # the frozen initial policy (kept separate from the teacher, spec §7)
-            self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+            self.reference = copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.policy.parameters(), lr=self.ppo.lr, weight_decay=self.ppo.weight_decay)
@@ -65,34 +84,77 @@ class GRPOModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": schedule}
 
-    def mini_batch_loss(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    def mini_batch_loss(self, rows: dict[str, torch.Tensor], norm: tuple[float, int] | None = None
+                        ) -> tuple[torch.Tensor, dict]:
         """Eq. 14 on one mini-batch of right-padded rows (`RolloutBatch.rows`): the clipped surrogate,
-        minus c_ent * entropy, plus beta_KL * k3 KL to the reference. The rows are left-aligned so that
-        every response ends in the last column and the LM head runs on the response window only; the
-        returned parts (detached log-probs, loss terms, the window's row tensors) are for the logs."""
+        minus c_ent * entropy, plus beta_KL * k3 KL to the reference. With `norm` (`aggregation_norm` of
+        the whole mini-batch's response window) the rows are one micro-batch of it and every term is
+        this micro-batch's share, so the shares add up to the mini-batch's loss. The rows are
+        left-aligned so that every response ends in the last column and the LM head runs on the
+        response window only; the returned parts (detached log-probs, loss terms, the window's row
+        tensors) are for the logs."""
         ppo = self.ppo
         rows = left_align(rows, rows["attention_mask"])
         keep = tail_width(rows["loss_mask"])
         tail = {k: v[:, -keep:] for k, v in rows.items()}
         mask = tail["loss_mask"]
+        norm = norm or aggregation_norm(mask, ppo.agg)
         logp, logits = tail_logprobs(self.policy, rows["input_ids"], rows["attention_mask"], keep,
                                      temperature=ppo.temperature)
         pg = policy_loss(logp, tail["rollout_logp"], tail["advantages"], mask,
-                         clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg)
-        entropy = aggregate(entropy_from_logits(logits.float() / ppo.temperature), mask, ppo.agg)
+                         clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg, norm=norm)
+        entropy = aggregate(entropy_from_logits(logits.float() / ppo.temperature), mask, ppo.agg, norm=norm)
+        del logits
         loss = pg - ppo.entropy_coef * entropy
         parts = {"logp": logp.detach(), "pg_loss": pg.detach(), "entropy": entropy.detach(), "tail": tail}
         if self.reference is not None:
             with torch.no_grad():
                 ref, _ = tail_logprobs(self.reference, rows["input_ids"], rows["attention_mask"], keep,
                                        temperature=ppo.temperature)
-            kl = aggregate(kl_k3(logp, ref), mask, ppo.agg)
+            kl = aggregate(kl_k3(logp, ref), mask, ppo.agg, norm=norm)
             loss = loss + ppo.kl_coef * kl
             parts["kl_ref"] = kl.detach()
         return loss, parts
 
+    def accumulate(self, batch: RolloutBatch, index: torch.Tensor, *, weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Forward and backward of one mini-batch (rows `index`) in micro-batches, gradients accumulated
+        (not zeroed here, no optimizer step); under DDP only the last micro-batch all-reduces. Returns the
+        mini-batch's loss terms and, flattened over its response tokens, log-probs / rollout log-probs /
+        advantages for the diagnostics."""
+        ppo = self.ppo
+        whole = left_align(batch.rows(index), batch.rows(index)["attention_mask"])["loss_mask"]
+        norm = aggregation_norm(whole[:, -tail_width(whole):], ppo.agg)
+        lengths = batch.attention_mask[index].sum(1)
+        parts = micro_batches(index, lengths, rows=ppo.micro_batch_rows or ppo.mini_batch_rows,
+                              tokens=ppo.micro_batch_tokens)
+        sums: dict[str, torch.Tensor] = {}
+        flat: dict[str, list[torch.Tensor]] = {"logp": [], "rollout_logp": [], "advantages": []}
+        for j, micro in enumerate(parts):
+            rows = {k: v.to(self.device) for k, v in batch.rows(micro).items()}
+            with self._grad_sync(j == len(parts) - 1):
+                loss, out = self.mini_batch_loss(rows, norm)
+                if self._trainer is not None:
+                    self.manual_backward(loss * weight)
+                else:  # outside a Trainer (tests, benchmarks): plain autograd
+                    (loss * weight).backward()
+            for k in ("pg_loss", "entropy", "kl_ref"):
+                if k in out:
+                    sums[k] = sums.get(k, 0.0) + out[k]
+            keep = out["tail"]["loss_mask"] > 0
+            flat["logp"].append(out["logp"][keep])
+            for k in ("rollout_logp", "advantages"):
+                flat[k].append(out["tail"][k][keep])
+        return sums | {k: torch.cat(v) for k, v in flat.items()}
+
+    def _grad_sync(self, sync: bool):
+        """DDP all-reduces gradients in every backward unless blocked: only the last micro-batch syncs."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None
+        return contextlib.nullcontext() if sync or block is None else block()
+
     def training_step(self, batch: RolloutBatch, batch_idx: int):
         t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         opt = self.optimizers()
         ppo = self.ppo
         self.policy.train()
@@ -103,22 +165,19 @@ class GRPOModule(L.LightningModule):
             order = torch.randperm(batch.num_rows, generator=gen)
             for i, idx in enumerate(torch.tensor_split(order, chunks)):
                 weight = 1.0 if len(idx) else 0.0  # an empty share still joins the ranks' all-reduce
-                rows = {k: v.to(self.device) for k, v in batch.rows(idx if len(idx) else order[:1]).items()}
-                loss, parts = self.mini_batch_loss(rows)
-                logp, tail = parts["logp"], parts["tail"]
-                mask = tail["loss_mask"]
-                if epoch == 0 and i == 0:
-                    self._check_logp_gap(logp, tail["rollout_logp"], mask, metrics)
-                if "kl_ref" in parts:
-                    _add(metrics, "actor/kl_ref", parts["kl_ref"].item())
                 opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss * weight)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), ppo.max_grad_norm)
+                out = self.accumulate(batch, idx if len(idx) else order[:1], weight=weight)
+                logp, old, adv = out["logp"][None], out["rollout_logp"][None], out["advantages"][None]
+                ones = torch.ones_like(logp)
+                if epoch == 0 and i == 0:  # no optimizer step yet: the policy is the rollout's
+                    self._check_logp_gap(logp, old, ones, metrics)
+                if "kl_ref" in out:
+                    _add(metrics, "actor/kl_ref", out["kl_ref"].item())
+                grad_norm = self._clip_gradients()
                 opt.step()
-                stats = ppo_stats(logp, tail["rollout_logp"], tail["advantages"], mask,
-                                  clip_low=ppo.clip_low, clip_high=ppo.clip_high)
-                _add(metrics, "actor/pg_loss", parts["pg_loss"].item())
-                _add(metrics, "actor/entropy", parts["entropy"].item())
+                stats = ppo_stats(logp, old, adv, ones, clip_low=ppo.clip_low, clip_high=ppo.clip_high)
+                _add(metrics, "actor/pg_loss", out["pg_loss"].item())
+                _add(metrics, "actor/entropy", out["entropy"].item())
                 _add(metrics, "actor/grad_norm", grad_norm.item())
                 for k in ("approx_kl", "clip_fraction", "ratio_mean"):
                     _add(metrics, f"actor/{k}", stats[k])
@@ -127,11 +186,21 @@ class GRPOModule(L.LightningModule):
         tokens = batch.attention_mask.sum().item()
         seconds = time.perf_counter() - t0
         logged = {k: sum(v) / len(v) for k, v in metrics.items()}
+        if self.device.type == "cuda":  # the update's peak (rollout and rescoring peaks are their own)
+            logged["perf/update_peak_gpu_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         logged |= {"time/update_s": seconds, "perf/update_tokens_per_s": tokens / seconds,
                    "train_step": float(self.current_epoch + 1),  # training steps done (one per Lightning epoch)
                    "actor/lr": lr}
         self.log_dict(logged, on_step=True, prog_bar=False, sync_dist=True, batch_size=batch.num_rows)
         return None
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the global gradient norm to max_grad_norm; returns the norm before clipping. Under FSDP the
+        norm is taken over the shards of all ranks (the wrapped model's own clip)."""
+        model = self.trainer.model if self._trainer is not None else None
+        if model is not None and hasattr(model, "clip_grad_norm_"):
+            return model.clip_grad_norm_(self.ppo.max_grad_norm)
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.ppo.max_grad_norm)
 
     def _num_mini_batches(self, rows: int) -> int:
         """ceil(rows / mini_batch_rows), the same on every rank: under DDP each backward is an all-reduce,

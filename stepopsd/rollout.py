@@ -38,6 +38,7 @@ class RolloutConfig:
     max_prompt_tokens: int = 2048
     sampling: SamplingParams = field(default_factory=SamplingParams)
     chat_template: bool = True  # wrap each prompt as a user turn with the tokenizer's chat template
+    chat_template_kwargs: dict = field(default_factory=dict)  # extra template arguments, e.g. Qwen3's enable_thinking=False
     target_mode: str = "action_only"
 
     def __post_init__(self):
@@ -60,10 +61,13 @@ class RolloutStats:
     env_s: float = 0.0
 
 
-def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int) -> tuple[list[int], bool]:
-    """Prompt text -> ids (chat-wrapped for instruction models), left-truncated; returns (ids, truncated)."""
+def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int,
+                  template_kwargs: dict | None = None) -> tuple[list[int], bool]:
+    """Prompt text -> ids (chat-wrapped for instruction models, `template_kwargs` passed to the template),
+    left-truncated; returns (ids, truncated)."""
     if chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+                                             **(template_kwargs or {}))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return (ids[-max_tokens:], True) if len(ids) > max_tokens else (ids, False)
 
@@ -80,7 +84,8 @@ def rollout(env: AgentEnv, backend: GenerationBackend, tokenizer, tasks: Sequenc
     while live := env.live_slots():
         prompts = []
         for slot in live:
-            ids, cut = encode_prompt(tokenizer, env.prompt(slot), chat_template=cfg.chat_template, max_tokens=cfg.max_prompt_tokens)
+            ids, cut = encode_prompt(tokenizer, env.prompt(slot), chat_template=cfg.chat_template, max_tokens=cfg.max_prompt_tokens,
+                                     template_kwargs=cfg.chat_template_kwargs)
             prompts.append(ids)
             stats.truncated_prompts += cut
         t0 = time.perf_counter()

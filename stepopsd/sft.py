@@ -47,6 +47,7 @@ class TinySFTConfig:
     compact: bool = True
     history_length: int = 2
     chat_template: bool = True
+    chat_template_kwargs: dict = field(default_factory=dict)  # extra apply_chat_template arguments
 
     def __post_init__(self):
         if self.env not in ("alfworld", "search") or (self.env == "search" and not self.corpus):
@@ -57,7 +58,10 @@ class TinySFTConfig:
 
     def key(self) -> str:
         paths = {"data": os.path.abspath(self.data), "corpus": self.corpus and os.path.abspath(self.corpus)}
-        blob = json.dumps(asdict(self) | paths | {"demo_format": DEMO_FORMAT}, sort_keys=True)
+        fields = asdict(self)
+        if not self.chat_template_kwargs:  # folders built before the key existed stay valid
+            del fields["chat_template_kwargs"]
+        blob = json.dumps(fields | paths | {"demo_format": DEMO_FORMAT}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
@@ -65,7 +69,8 @@ def sft_examples(records: list[dict], tokenizer, cfg: TinySFTConfig) -> list[tup
     """(ids, response start) per demonstration step: chat-wrapped prompt + response + eos."""
     out = []
     for r in records:
-        prompt, _ = encode_prompt(tokenizer, r["prompt"], chat_template=cfg.chat_template, max_tokens=cfg.max_tokens // 2)
+        prompt, _ = encode_prompt(tokenizer, r["prompt"], chat_template=cfg.chat_template, max_tokens=cfg.max_tokens // 2,
+                                  template_kwargs=cfg.chat_template_kwargs)
         response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         out.append((prompt + response, len(prompt)))
     return out

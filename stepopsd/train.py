@@ -2,8 +2,9 @@
 
 The config picks; this module instantiates objects and hands them to each other (objects never
 receive the config). Everything that can be checked is checked before any expensive work: the
-knobs (their dataclasses validate themselves), the device, and the data. Returns the final
-validation success, the metric a sweeper optimises.
+knobs (their dataclasses validate themselves), the device, and the data. Validation runs on each split
+of `data.val_splits`; `train` returns the final overall success (Search-QA: exact match) on the FIRST
+of them (`val/valid_seen/success` in the ALFWorld paper configs), the metric a sweeper optimises.
 """
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from stepopsd.callbacks.rescoring import TeacherRescoring
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
+from stepopsd.envs.alfworld.tasks import SPLITS
 from stepopsd.hindsight import alfworld_peer_lines
+from stepopsd.launch import launch, rank_zero_first, trainer_kwargs, world_size_mismatch
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
-from stepopsd.policy.loading import load_policy
+from stepopsd.policy.loading import DTYPES, load_policy, load_tokenizer, random_policy, task_tokenizer
+from stepopsd.policy.tiny import count_parameters
 from stepopsd.rollout import RolloutConfig
 from stepopsd.sft import TinySFTConfig, ensure_tiny_policy
 from stepopsd.types import Task
@@ -39,6 +43,7 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
     """Validate every knob (one-line errors) and return the typed configs."""
     if cfg.require_gpu and not torch.cuda.is_available():
         raise ConfigError("no GPU found: add machine=cpu to run this experiment on the CPU (tiny policy, generated games)")
+    check_launch(cfg)
     if cfg.group_size < 2:
         raise ConfigError(f"group_size={cfg.group_size}: GRPO needs >= 2 rollouts per task")
     if cfg.training_steps < 1 or cfg.tasks_per_step < 1:
@@ -54,8 +59,14 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
         raise ConfigError(f"env.topk={e.topk}, env.invalid_penalty={e.invalid_penalty}: need topk >= 1 and a penalty >= 0")
     if e.name == "search" and not e.retriever.start_server and not e.retriever.url:
         raise ConfigError("env.retriever.url is empty: point it at a Search-R1 retriever or set env.retriever.start_server=true")
+    check_splits(cfg, cfg.data.val_splits, "data.val_splits")
+    if cfg.val_tasks is not None and cfg.val_tasks < 1:
+        raise ConfigError(f"val_tasks={cfg.val_tasks}: use N >= 1 tasks per validation split, or null for all")
     if cfg.algorithm.name not in ("grpo", "stepopsd"):
         raise ConfigError(f"algorithm={cfg.algorithm.name!r}: use algorithm=grpo or algorithm=stepopsd")
+    check_precision(cfg)
+    if cfg.algorithm.name == "stepopsd" and cfg.algorithm.teacher.micro_batch_rows < 1:
+        raise ConfigError(f"algorithm.teacher.micro_batch_rows={cfg.algorithm.teacher.micro_batch_rows}: need >= 1")
     r = cfg.rollout
     try:
         ppo = PPOConfig(**OmegaConf.to_container(cfg.algorithm.ppo), temperature=r.temperature)
@@ -63,10 +74,67 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
         sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         rollout_cfg = RolloutConfig(group_size=cfg.group_size, max_prompt_tokens=r.max_prompt_tokens, sampling=sampling,
                                     chat_template=cfg.model.chat_template,
+                                    chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
                                     target_mode=method.target_span if method else "action_only")
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
     return ppo, method, rollout_cfg
+
+
+MIXED = ("bf16-mixed", "32-true", "32", 32)  # trainer precisions that keep fp32 master weights under our manual update
+
+
+def check_precision(cfg: DictConfig) -> None:
+    """The optimizer must update fp32 weights: an lr of 1e-6 is below bf16's resolution for typical weights,
+    so AdamW on bf16 weights silently does nothing. Compute in bf16 comes from autocast (bf16-mixed)."""
+    m = cfg.model
+    fix = "model.dtype=float32 trainer.precision=bf16-mixed (fp32 master weights, bf16 compute; model.frozen_dtype=bfloat16 for the frozen copies)"
+    if m.dtype not in DTYPES or m.get("frozen_dtype", "float32") not in DTYPES:
+        raise ConfigError(f"model.dtype={m.dtype}, model.frozen_dtype={m.get('frozen_dtype')}: choose from {', '.join(DTYPES)}")
+    if m.dtype != "float32":
+        raise ConfigError(f"model.dtype={m.dtype}: the optimizer would update {m.dtype} weights, below whose resolution "
+                          f"a small lr does nothing; use {fix}")
+    if cfg.trainer.precision not in MIXED:
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision}: true half precision casts the trained weights and "
+                          f"16-mixed's loss scaling is not wired into the manual PPO update; use {fix}, or 32-true")
+    if m.get("init", "pretrained") not in ("pretrained", "random"):
+        raise ConfigError(f"model.init={m.init}: use pretrained (load name_or_path) or random (the `arch` shapes, random weights)")
+    if m.get("init") == "random" and m.kind == "tiny":
+        raise ConfigError("model.init=random is for the hub architectures (model=qwen3_1.7b or qwen2.5_3b_instruct); "
+                          "the tiny policy is always built locally")
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Strategy, devices and nodes against how the processes were started (stepopsd/launch.py, experiments/launch/)."""
+    t = cfg.trainer
+    strategy = str(t.strategy if isinstance(t.strategy, str) else t.strategy.get("_target_", "")).lower()
+    if "fsdp" in strategy and str(t.accelerator) not in ("gpu", "cuda"):
+        raise ConfigError(f"trainer=fsdp: Lightning's FSDPStrategy needs GPUs (accelerator={t.accelerator}); "
+                          "on CPU use trainer=ddp trainer.accelerator=cpu")
+    if "fsdp" in strategy:  # lift once the model side is wired (conf/trainer/fsdp.yaml)
+        raise ConfigError("trainer=fsdp is not wired yet: GRPOModule's manual backward inside training_step fails under "
+                          "Lightning's FSDPStrategy (Lightning issue #19685); use trainer=ddp")
+    if (mismatch := world_size_mismatch(t.devices, t.num_nodes)) is not None:
+        raise ConfigError(mismatch)
+    if t.num_nodes > 1 and launch() is None:
+        raise ConfigError(f"trainer.num_nodes={t.num_nodes}: start the processes of every node with torchrun or SLURM "
+                          "srun (experiments/launch/)")
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    many = launch() is not None or t.num_nodes > 1 or (isinstance(t.devices, int) and t.devices > 1)
+    if many and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError("a Hydra sweep (-m) runs each trial in one process: drop trainer=ddp / devices > 1, "
+                          "or launch one multi-GPU job per trial (experiments/launch/README.md)")
+
+
+def check_splits(cfg: DictConfig, splits, key: str) -> None:
+    """Split names (one-line errors): ALFWorld's folders under json_2.1.1/, Search-QA's parquet file names."""
+    splits = [splits] if isinstance(splits, str) else list(splits or [])
+    if not splits or len(set(splits)) != len(splits):
+        raise ConfigError(f"{key}={splits}: name one or more distinct splits")
+    if cfg.env.name != "search" and (bad := [s for s in splits if s not in SPLITS]):
+        raise ConfigError(f"{key}: unknown ALFWorld split {bad[0]!r}: use {', '.join(SPLITS)}")
 
 
 def prepare_data(cfg: DictConfig) -> str:
@@ -124,17 +192,30 @@ def retrieval_service(cfg: DictConfig, data: str):
         yield server.url
 
 
-def build_policy(cfg: DictConfig, data: str):
-    if cfg.model.kind == "tiny":
-        m = cfg.model
+def build_policy(cfg: DictConfig, data: str, tasks: list[Task] = ()):
+    """(policy, tokenizer): the tiny policy (built and cached locally), a hub / local checkpoint, or with
+    model.init=random the named architecture's shapes with random weights (no hub access) and a word-level
+    tokenizer trained on `tasks`' text (or the `model.tokenizer` folder)."""
+    m = cfg.model
+    if m.kind == "tiny":
         sft = TinySFTConfig(data=data, env=cfg.env.name, corpus=corpus_path(cfg, data),
                             architecture=OmegaConf.to_container(m.architecture), vocab_size=m.vocab_size,
                             task_types=tuple(cfg.data.task_types),
                             compact=cfg.env.compact, history_length=cfg.env.history_length,
-                            chat_template=m.chat_template, **OmegaConf.to_container(m.sft))
+                            chat_template=m.chat_template, chat_template_kwargs=OmegaConf.to_container(m.chat_template_kwargs),
+                            **OmegaConf.to_container(m.sft))
         folder = ensure_tiny_policy(sft, cfg.paths.cache_dir, workers=cfg.env.get("num_workers"))
-        return load_policy(folder, dtype=m.dtype)
-    return load_policy(cfg.model.name_or_path, dtype=cfg.model.dtype)
+        policy, tokenizer = load_policy(folder, dtype=m.dtype)
+    elif m.init == "random":
+        tokenizer = load_tokenizer(m.tokenizer) if m.tokenizer else task_tokenizer(tasks)
+        policy = random_policy(OmegaConf.to_container(m.arch), tokenizer, dtype=m.dtype, seed=cfg.seed)
+        print(f"[model.init=random] {m.arch.model_type} with {count_parameters(policy):,} random parameters "
+              f"(shapes only: no pretrained weights), tokenizer of {len(tokenizer)} tokens")
+    else:
+        policy, tokenizer = load_policy(m.name_or_path, dtype=m.dtype)
+    if m.get("gradient_checkpointing"):
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, tokenizer
 
 
 def env_factory(cfg: DictConfig, retriever_url: str | None = None):
@@ -163,13 +244,16 @@ def peer_lines(cfg: DictConfig):
 def train(cfg: DictConfig) -> float:
     ppo, method, rollout_cfg = check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    data = prepare_data(cfg)
+    with rank_zero_first("the data"):  # torchrun / srun: rank 0 writes data.path, the other ranks then read it
+        data = prepare_data(cfg)
     train_tasks = load_split(cfg, data, cfg.data.train_split, cfg.data.task_types)
-    val_tasks = load_split(cfg, data, cfg.data.val_split, cfg.data.val_task_types, limit=cfg.val_tasks)
+    val_tasks = {split: load_split(cfg, data, split, cfg.data.val_task_types, limit=cfg.val_tasks) for split in cfg.data.val_splits}
     label = "+".join(sorted({t.data_label for t in train_tasks}))
-    print(f"[{label} data] {len(train_tasks)} training and {len(val_tasks)} validation tasks ({cfg.env.name}); "
+    counts = ", ".join(f"{len(v)} {k}" for k, v in val_tasks.items())
+    print(f"[{label} data] {len(train_tasks)} training and {counts} validation tasks ({cfg.env.name}); "
           f"algorithm={cfg.algorithm.name}")
-    policy, tokenizer = build_policy(cfg, data)
+    with rank_zero_first("the policy"):  # rank 0 builds the tiny policy's cache (or fills the hub cache) first
+        policy, tokenizer = build_policy(cfg, data, train_tasks)
     with retrieval_service(cfg, data) as retriever_url:
         return _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer,
                     env_factory(cfg, retriever_url), label)
@@ -179,7 +263,8 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
     backend_factory = functools.partial(HFBackend, batch_size=cfg.rollout.generate_batch_size)
     datamodule = RolloutDataModule(train_tasks, make_env, backend_factory, tokenizer, rollout_cfg,
                                    tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed)
-    module = GRPOModule(policy, ppo)
+    frozen = DTYPES[cfg.model.get("frozen_dtype", cfg.model.dtype)]
+    module = GRPOModule(policy, ppo, frozen_dtype=frozen)
     validation = RolloutValidation(val_tasks, rollout_cfg, every=cfg.val_every, temperature=cfg.rollout.val_temperature,
                                    samples=cfg.val_samples, seed=cfg.seed, metric=cfg.env.success_metric)
     # One Lightning epoch = one training step (a rollout batch and its PPO update): checkpoints, resume
@@ -191,16 +276,19 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
                                  save_last=True, save_on_train_epoch_end=True),
                  RichProgressBar() if cfg.callbacks.progress_bar == "rich" else TQDMProgressBar()]
     if method is not None:
-        callbacks.insert(1, TeacherRescoring(method, tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg)))
+        callbacks.insert(1, TeacherRescoring(method, tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg),
+                                                micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))
     from hydra.utils import instantiate
 
     trainer = L.Trainer(max_epochs=cfg.training_steps, limit_train_batches=1, logger=instantiate(cfg.logger),
                         callbacks=callbacks, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
-                        **OmegaConf.to_container(cfg.trainer))
+                        **trainer_kwargs(cfg.trainer))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if trainer.is_global_zero:
         final = os.path.join(cfg.paths.output_dir, "policy")
         policy.save_pretrained(final)
         tokenizer.save_pretrained(final)
-        print(f"[{label} data] validation {cfg.env.success_metric} by step: {validation.history}; policy saved to {final}")
+        for split, history in validation.histories.items():
+            print(f"[{label} data] validation {cfg.env.success_metric} on {split} by step: {history}")
+        print(f"[{label} data] policy saved to {final}")
     return validation.history[-1][1] if validation.history else float("nan")

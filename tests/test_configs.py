@@ -19,6 +19,7 @@ def cfg_of(*overrides, name="train"):
 def test_the_experiments_the_issue_names_exist():
     assert set(EXPERIMENTS) >= {"alfworld_heat", "alfworld_pick", "alfworld_look", "alfworld_clean", "alfworld_cool",
                                 "alfworld_pick_two", "alfworld_all", "searchqa", "searchqa_triviaqa", "searchqa_hotpotqa"}
+    assert {f"alfworld_{t}_3b" for t in ("heat", "pick", "look", "clean", "cool", "pick_two", "all")} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -36,9 +37,19 @@ def test_every_experiment_composes_and_its_knobs_check(experiment, machine, algo
         ppo, method, rollout_cfg = check_config(cfg)
         assert cfg.model.kind == "tiny" and cfg.data.generate is not None and not cfg.require_gpu
         assert (method is None) == (algorithm == "grpo")
+        assert not cfg.env.require_think and rollout_cfg.chat_template_kwargs == {}
+        assert len(cfg.data.val_splits) == 1  # one validation split on the CPU machine (its cost unchanged)
     else:
-        assert cfg.require_gpu and cfg.model.name_or_path == "Qwen/Qwen3-1.7B"
+        model = "Qwen/Qwen2.5-3B-Instruct" if experiment.endswith("_3b") else "Qwen/Qwen3-1.7B"
+        assert cfg.require_gpu and cfg.model.name_or_path == model and cfg.env.require_think
         assert cfg.training_steps == 150 and cfg.algorithm.ppo.lr == 1e-6
+        # fp32 master weights, bf16 compute, bf16 frozen copies, micro-batches inside the 256-row mini-batch
+        assert (cfg.model.dtype, cfg.model.frozen_dtype, cfg.trainer.precision) == ("float32", "bfloat16", "bf16-mixed")
+        assert cfg.algorithm.ppo.mini_batch_rows == 256 and 0 < cfg.algorithm.ppo.micro_batch_rows < 256
+        assert cfg.model.gradient_checkpointing and cfg.model.init == "pretrained"
+        assert cfg.val_tasks is None if experiment.startswith("alfworld") else cfg.val_tasks == 500
+        if entry == "eval":
+            assert cfg.eval.split == cfg.data.val_splits[0]
 
 
 def test_paper_protocols():
@@ -66,7 +77,11 @@ def test_paper_protocols():
     ("algorithm.stepopsd.alpha_clip=0", "alpha_clip"), ("algorithm.stepopsd.lam0=1.5", "lam"),
     ("group_size=1", "group_size"), ("algorithm.ppo.clip_low=1.2", "clip_low"), ("rollout.max_new_tokens=0", "max_new_tokens"),
     ("algorithm.stepopsd.target_span=whole", "target_span"), ("callbacks.checkpoint_every=-1", "checkpoint_every"),
-    ("env.max_steps=0", "max_steps")])
+    ("env.max_steps=0", "max_steps"), ("model.dtype=bfloat16", "model.dtype=bfloat16: the optimizer"),
+    ("trainer.precision=bf16-true", "trainer.precision=bf16-true"), ("trainer.precision=16-mixed", "16-mixed"),
+    ("model.frozen_dtype=int8", "frozen_dtype"), ("+model.init=random", "model.init=random is for the hub"),
+    ("algorithm.ppo.micro_batch_rows=65", "micro_batch_rows=65"), ("algorithm.ppo.micro_batch_tokens=-5", "micro_batch_tokens"),
+    ("algorithm.teacher.micro_batch_rows=0", "teacher.micro_batch_rows")])
 def test_bad_knobs_are_one_line_config_errors(override, words):
     with pytest.raises(ConfigError, match=words) as e:
         check_config(cfg_of("experiment=alfworld_heat", "machine=cpu", override))
@@ -78,4 +93,40 @@ def test_bad_knobs_are_one_line_config_errors(override, words):
 def test_bad_search_knobs_are_one_line_config_errors(overrides, words):
     with pytest.raises(ConfigError, match=words) as e:
         check_config(cfg_of("experiment=searchqa", "machine=cpu", *overrides))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("task", ["heat", "pick", "look", "clean", "cool", "pick_two", "all"])
+def test_3b_experiments_are_the_paper_protocol_with_qwen25_3b(task):
+    base, big = cfg_of(f"experiment=alfworld_{task}"), cfg_of(f"experiment=alfworld_{task}_3b")
+    assert big.model.name_or_path == "Qwen/Qwen2.5-3B-Instruct" and big.task_name == f"alfworld_{task}_3b"
+    differ = {k for k in base if k not in ("model", "task_name") and base[k] != big[k]}
+    assert not differ, differ  # everything else is the 1.7B experiment's
+    assert cfg_of(f"experiment=alfworld_{task}_3b", "machine=cpu").model.kind == "tiny"
+
+
+@pytest.mark.parametrize("model, think, kwargs", [
+    ("qwen3_1.7b", True, {"enable_thinking": False}), ("qwen2.5_3b_instruct", True, {}), ("tiny", False, {})])
+@pytest.mark.parametrize("experiment", ["alfworld_heat", "searchqa"])
+def test_require_think_and_template_arguments_follow_the_model(model, think, kwargs, experiment):
+    cfg = cfg_of(f"experiment={experiment}", f"model={model}")
+    assert cfg.env.require_think is think and dict(cfg.model.chat_template_kwargs) == kwargs
+    cfg = cfg_of(f"experiment={experiment}", f"model={model}", "require_gpu=false")
+    assert check_config(cfg)[2].chat_template_kwargs == kwargs  # what rollouts, validation and eval.py use
+
+
+def test_validation_splits():
+    heat, qa = cfg_of("experiment=alfworld_heat"), cfg_of("experiment=searchqa")
+    assert list(heat.data.val_splits) == ["valid_seen", "valid_unseen"] and heat.val_tasks is None  # every game
+    assert list(qa.data.val_splits) == ["test"]
+    assert list(cfg_of("experiment=alfworld_heat", "machine=cpu").data.val_splits) == ["valid_seen"]
+    assert cfg_of("experiment=alfworld_heat", "machine=cpu").val_tasks == 16
+
+
+@pytest.mark.parametrize("override, words", [
+    ("data.val_splits=[valid_seen,valid_unsen]", "valid_unsen"), ("data.val_splits=[]", "val_splits"),
+    ("data.val_splits=[valid_seen,valid_seen]", "val_splits"), ("val_tasks=0", "val_tasks")])
+def test_bad_validation_knobs_are_one_line_config_errors(override, words):
+    with pytest.raises(ConfigError, match=words) as e:
+        check_config(cfg_of("experiment=alfworld_heat", "machine=cpu", override))
     assert "\n" not in str(e.value)

@@ -52,10 +52,10 @@ def test_train_searchqa_on_generated_data_with_its_own_retriever_server(qa, tmp_
     rows = list(csv.DictReader(open(out / "csv" / "version_0" / "metrics.csv")))
     steps = [r for r in rows if r.get("actor/pg_loss")]
     assert len(steps) == 2 and abs(float(steps[0]["stepopsd/lambda"]) - 0.05) < 1e-6  # the TriviaQA knob
-    val = [r for r in rows if r.get("val_generated/em")]
+    val = [r for r in rows if r.get("val_generated/test/em")]
     assert len(val) == 3  # start, after step 1, end
     for source in ("generated_singlehop", "generated_multihop"):  # EM per data source
-        assert all(r[f"val_generated/em_{source}"] != "" for r in val)
+        assert all(r[f"val_generated/test/em_{source}"] != "" for r in val)
 
     proc = subprocess.run([sys.executable, "eval.py", "experiment=searchqa_triviaqa", "machine=cpu",
                            *overrides(qa, cache, out / "eval")[:4], f"eval.policy={out / 'policy'}", "eval.limit=2",

@@ -42,13 +42,31 @@ def test_train_runs_end_to_end_and_updates_the_policy(algorithm, games, tmp_path
     train_rows = [r for r in rows if r.get("actor/pg_loss")]
     assert len(train_rows) == 2
     assert all(float(r["actor/rollout_logp_gap"]) < 1e-3 for r in train_rows)
-    assert any(r.get("val_generated/success") for r in rows)
+    assert any(r.get("val_generated/valid_seen/success") for r in rows)
     assert ("stepopsd/lambda" in rows[0]) == (algorithm == "stepopsd")
     (sft_folder,) = glob.glob(str(cache / "tiny-*"))
     before = load_file(os.path.join(sft_folder, "model.safetensors"))
     after = load_file(str(out / "policy" / "model.safetensors"))
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change the policy"
+
+
+def test_validation_on_two_splits_is_reported_per_split(games, tmp_path_factory):
+    """data.val_splits=[valid_seen,valid_unseen] (the paper configs' default): both validated at the start
+    and the end, metrics named per split, the first split's success is what the run reports."""
+    cache = tmp_path_factory.getbasetemp() / "tiny-cache"
+    out = tmp_path_factory.mktemp("two-splits")
+    proc = run_train("experiment=alfworld_heat", "machine=cpu", "algorithm=grpo", *tiny_overrides(games, cache, out),
+                     "training_steps=1", "val_every=0", "data.val_splits=[valid_seen,valid_unseen]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 valid_seen, 1 valid_unseen validation tasks" in proc.stdout
+    rows, _ = train_rows(out)
+    val = [r for r in rows if r.get("val_generated/valid_seen/success")]
+    assert [r["step"] for r in val] == ["0", "1"]  # start and end (CSV rows of logger.log_metrics)
+    for split in ("valid_seen", "valid_unseen"):
+        assert all(r[f"val_generated/{split}/success"] != "" and r[f"val_generated/{split}/success_heat"] != "" for r in val)
+        assert f"validation success on {split} by step: [(0, " in proc.stdout
+    assert "val_generated/success" not in rows[0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU machine)")
@@ -125,4 +143,4 @@ def test_two_process_ddp_keeps_groups_whole_reduces_metrics_and_weights_identica
     assert len(steps) == 2
     # each rank rolls out its own whole group (tasks_per_step=1, group_size=2): summed over ranks, 4 episodes
     assert all(float(r["rollout/episodes"]) == 4.0 for r in steps)
-    assert any(r.get("val_generated/success") for r in rows)
+    assert any(r.get("val_generated/valid_seen/success") for r in rows)

@@ -83,7 +83,26 @@ def uniform_group_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) -> fl
 # ----------------------------------------------------------------------------------------------
 # Eq. 14 - aggregation and the clipped surrogate
 # ----------------------------------------------------------------------------------------------
-def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+def aggregation_norm(mask: torch.Tensor, agg: str) -> tuple[float, int]:
+    """(denominator, horizon) of `aggregate` for a whole mini-batch mask [B, T]: what each of its
+    micro-batches must divide by so that their summed losses equal the one-pass loss (Eq. 14 under
+    gradient accumulation). token_mean: the mask's token count; seq_mean_token_mean: its rows with
+    >= 1 token; seq_mean_token_sum_norm: its row count. horizon = T (the Dr.GRPO constant length).
+    Counts are clamped to >= 1 (an all-zero mask aggregates to 0)."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown agg {agg!r}; use one of {', '.join(AGGREGATIONS)}")
+    keep = mask.bool()
+    if agg == "token_mean":
+        denom = int(keep.sum())
+    elif agg == "seq_mean_token_mean":
+        denom = int((keep.sum(dim=-1) > 0).sum())
+    else:
+        denom = mask.shape[0]
+    return float(max(denom, 1)), int(mask.shape[-1])
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, *,
+              norm: tuple[float, int] | None = None) -> torch.Tensor:
     """Reduce per-token values [B, T] under the loss mask [B, T] to a scalar (the agg of Eq. 14).
 
     token_mean               sum(v*m) / sum(m) over the whole batch
@@ -91,6 +110,9 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tenso
     seq_mean_token_sum_norm  (Dr.GRPO) each row's sum(v*m) / T with T = mask.shape[1], mean over
                              all rows (the trainer passes the response window of a mini-batch, so
                              T is its longest response span)
+    `norm` = `aggregation_norm(whole_mask, agg)` when [B, T] is one micro-batch of a larger
+    mini-batch: the numerator is this micro-batch's, the denominator (and T) the mini-batch's, so
+    the micro-batches' values add up to the mini-batch's.
     Masked-out values are excluded with `where`, so NaN/inf there never leak. An all-zero mask
     gives 0 (with a gradient of zeros) instead of NaN.
     """
@@ -99,18 +121,17 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tenso
     if values.shape != mask.shape or values.dim() != 2:
         raise ValueError(f"values and mask must both be [B, T]; got {tuple(values.shape)} and "
                          f"{tuple(mask.shape)}")
+    denom, horizon = norm if norm is not None else aggregation_norm(mask, agg)
     keep = mask.bool()
     masked = torch.where(keep, values, torch.zeros_like(values))  # [B, T]
     if agg == "token_mean":
-        return masked.sum() / keep.sum().clamp(min=1)
+        return masked.sum() / denom
     row_sum = masked.sum(dim=-1)  # [B]
     if agg == "seq_mean_token_mean":
-        row_len = keep.sum(dim=-1)  # [B]
-        has = row_len > 0
-        row_mean = row_sum / row_len.clamp(min=1)  # [B]
-        return torch.where(has, row_mean, torch.zeros_like(row_mean)).sum() / has.sum().clamp(min=1)
+        row_mean = row_sum / keep.sum(dim=-1).clamp(min=1)  # [B]; rows without tokens add 0
+        return row_mean.sum() / denom
     # seq_mean_token_sum_norm: divide by the constant max length T, not by each row's length
-    return (row_sum / mask.shape[-1]).sum() / max(mask.shape[0], 1)
+    return (row_sum / horizon).sum() / denom
 
 
 def _check_clip(clip_low: float, clip_high: float) -> None:
@@ -128,8 +149,10 @@ def policy_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     agg: str = "token_mean",
+    norm: tuple[float, int] | None = None,
 ) -> torch.Tensor:
-    """Eq. 13-14 without the KL and entropy terms; all inputs [B, T], returns a scalar.
+    """Eq. 13-14 without the KL and entropy terms; all inputs [B, T], returns a scalar (`norm`: see
+    `aggregate`, for a micro-batch of a larger mini-batch).
 
     Eq. 13: r = exp(logp - old_logp).
     Eq. 14: per-token loss = -min(r*A, clip(r, 1 - clip_low, 1 + clip_high)*A), aggregated by
@@ -143,7 +166,7 @@ def policy_loss(
     unclipped = -adv * ratio  # [B, T]
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     per_token = torch.maximum(unclipped, clipped)  # -min(rA, clip(r)A), Eq. 14
-    return aggregate(per_token, mask, agg)
+    return aggregate(per_token, mask, agg, norm=norm)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

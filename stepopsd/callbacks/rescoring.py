@@ -19,19 +19,20 @@ from stepopsd.teacher import TeacherSnapshot, rescore
 
 class TeacherRescoring(L.Callback):
     def __init__(self, config: StepOPSDConfig, tokenizer, *, temperature: float = 1.0, micro_batch: int = 16,
-                 peer_lines=alfworld_peer_lines):
+                 peer_lines=alfworld_peer_lines, dtype=None):
         self.config = config
         self.peer_lines = peer_lines  # the environment's peer serialisation (spec §6)
         self.tokenizer = tokenizer
         self.temperature = temperature
-        self.micro_batch = micro_batch
+        self.micro_batch = micro_batch  # teacher rows per forward pass
+        self.dtype = dtype  # the snapshot's dtype (None: the policy's)
         self.teacher: TeacherSnapshot | None = None
         self._pending_state: dict | None = None
         self.step = 0  # training steps (rollout batches) seen: t of Eq. 9 and the N_ref clock
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.teacher is None:
-            self.teacher = TeacherSnapshot(pl_module.policy, self.config.teacher_refresh)
+            self.teacher = TeacherSnapshot(pl_module.policy, self.config.teacher_refresh, self.dtype)
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Lightning restores callback state after `setup`: a resumed run's teacher and clock land here
@@ -44,9 +45,10 @@ class TeacherRescoring(L.Callback):
         t0 = time.perf_counter()
         refreshed = self.teacher.maybe_refresh(pl_module.policy, self.step)
         teacher = self.teacher.model.to(pl_module.device)
-        shaped, metrics = rescore(batch, teacher, self.tokenizer, self.config, self.step,
-                                  pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
-                                  micro_batch=self.micro_batch, peer_lines=self.peer_lines)
+        with trainer.precision_plugin.forward_context():  # the trainer's compute precision (bf16-mixed: autocast)
+            shaped, metrics = rescore(batch, teacher, self.tokenizer, self.config, self.step,
+                                      pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
+                                      micro_batch=self.micro_batch, peer_lines=self.peer_lines)
         batch.advantages = shaped  # the documented write-back: training_step reads the shaped values
         metrics |= {"time/rescore_s": time.perf_counter() - t0, "stepopsd/teacher_refreshed": float(refreshed),
                     "stepopsd/teacher_age": self.step - self.teacher.taken_at}

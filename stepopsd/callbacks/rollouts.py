@@ -1,7 +1,9 @@
 """Callbacks around rollouts: attach generation to the trained policy, log rollout metrics, and
 evaluate success on validation games (temperature 0.4, `samples` rollouts per game) at the start, every
-`every` training steps and at the end. Validation games are counted per task type; a run on
-generated games says so in every metric name's prefix (`val_generated/...`)."""
+`every` training steps and at the end. Validation tasks come in named splits (ALFWorld: valid_seen and
+valid_unseen; Search-QA: test), rolled out together and counted per split and task type:
+`val/<split>/success` and `val/<split>/success_<type>` (Search-QA: `em`, per data source); a run on
+generated data says so in every metric name's prefix (`val_generated/<split>/...`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,18 +32,30 @@ class RolloutLogging(L.Callback):
 
 
 class RolloutValidation(L.Callback):
-    """Validation success at the start, every `every` training steps (one training step is one
-    Lightning epoch: one rollout batch and its PPO update) and at the end."""
+    """Validation success on each split at the start, every `every` training steps (one training step
+    is one Lightning epoch: one rollout batch and its PPO update) and at the end.
 
-    def __init__(self, tasks: list[Task], rollout_cfg: RolloutConfig, *, every: int, temperature: float = 0.4,
+    `histories[split]` holds (training step, overall success) per evaluation; `history` is the FIRST
+    split's, the run's one metric (what `train` returns and a sweeper optimises)."""
+
+    def __init__(self, splits: dict[str, list[Task]], rollout_cfg: RolloutConfig, *, every: int, temperature: float = 0.4,
                  samples: int = 1, seed: int = 0, metric: str = "success"):
-        self.tasks = tasks
+        if not splits or not all(splits.values()):
+            raise ValueError(f"validation needs one or more splits, each with tasks: got {[(k, len(v)) for k, v in splits.items()]}")
+        self.splits = dict(splits)
+        self.tasks = [t for tasks in self.splits.values() for t in tasks]  # all splits in one rollout
+        self.split_of = [name for name, tasks in self.splits.items() for _ in tasks]
         self.cfg = dataclasses.replace(rollout_cfg, group_size=samples,
                                        sampling=dataclasses.replace(rollout_cfg.sampling, temperature=temperature))
         self.every, self.seed = every, seed
         self.metric = metric  # "success" (ALFWorld) or "em" (Search-QA: success = exact match = 1)
-        self.label = "+".join(sorted({t.data_label for t in tasks}))
-        self.history: list[tuple[int, float]] = []  # (training step, success rate)
+        self.label = "+".join(sorted({t.data_label for t in self.tasks}))
+        self.histories: dict[str, list[tuple[int, float]]] = {name: [] for name in self.splits}
+
+    @property
+    def history(self) -> list[tuple[int, float]]:
+        """(training step, overall success) on the first split."""
+        return self.histories[next(iter(self.splits))]
 
     @property
     def prefix(self) -> str:
@@ -50,26 +64,28 @@ class RolloutValidation(L.Callback):
     def evaluate(self, trainer, pl_module, step: int) -> float:
         dm = trainer.datamodule
         rank, world = trainer.global_rank, trainer.world_size
-        mine = self.tasks[rank::world]
+        mine, mine_split = self.tasks[rank::world], self.split_of[rank::world]
+        names = list(self.splits)
         types = sorted({t.task_type for t in self.tasks})
-        counts = torch.zeros(2 * len(types) + 2)
+        won, seen = torch.zeros(len(names), len(types)), torch.zeros(len(names), len(types))
         if mine:
             trajectories, _ = rollout(dm.env, dm.backend, dm.tokenizer, mine, self.cfg, seed=self.seed + rank)
-            for t in trajectories:
-                i = types.index(t.task.task_type)
-                counts[2 * i] += t.success
-                counts[2 * i + 1] += 1
-                counts[-2] += t.success
-                counts[-1] += 1
-        counts = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").cpu()
-        success = (counts[-2] / counts[-1].clamp(min=1)).item()
-        metrics = {f"{self.prefix}/{self.metric}": success}
-        metrics |= {f"{self.prefix}/{self.metric}_{name}": (counts[2 * i] / counts[2 * i + 1].clamp(min=1)).item()
-                    for i, name in enumerate(types)}
+            for t in trajectories:  # t.group indexes `mine`
+                i, j = names.index(mine_split[t.group]), types.index(t.task.task_type)
+                won[i, j] += t.success
+                seen[i, j] += 1
+        counts = trainer.strategy.reduce(torch.stack([won, seen]).to(pl_module.device), reduce_op="sum").cpu()
+        won, seen = counts[0], counts[1]
+        metrics = {}
+        for i, name in enumerate(names):
+            success = (won[i].sum() / seen[i].sum().clamp(min=1)).item()
+            metrics[f"{self.prefix}/{name}/{self.metric}"] = success
+            metrics |= {f"{self.prefix}/{name}/{self.metric}_{kind}": (won[i, j] / seen[i, j]).item()
+                        for j, kind in enumerate(types) if seen[i, j] > 0}
+            self.histories[name].append((step, success))
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
-        self.history.append((step, success))
-        return success
+        return self.history[-1][1]
 
     def on_train_start(self, trainer, pl_module) -> None:
         if trainer.current_epoch == 0:  # not again when resuming
@@ -85,7 +101,10 @@ class RolloutValidation(L.Callback):
             self.evaluate(trainer, pl_module, trainer.current_epoch)
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history)}
+        return {"history": list(self.history), "histories": {k: list(v) for k, v in self.histories.items()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.history = [tuple(h) for h in state_dict["history"]]
+        # checkpoints from before validation splits hold only the first split's `history`
+        saved = state_dict.get("histories") or {next(iter(self.splits)): state_dict["history"]}
+        for name in self.splits:
+            self.histories[name] = [tuple(h) for h in saved.get(name, [])]

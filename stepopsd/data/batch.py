@@ -59,6 +59,30 @@ class RolloutBatch:
                 ("input_ids", "attention_mask", "loss_mask", "rollout_logp", "advantages", "step_ids")}
 
 
+def micro_batches(index: torch.Tensor, lengths: torch.Tensor, *, rows: int, tokens: int = 0) -> list[torch.Tensor]:
+    """Split one mini-batch (row indices `index` [n], their lengths [n]) into micro-batches for
+    gradient accumulation: at most `rows` rows each and, with a token budget `tokens` > 0, at most
+    that many padded tokens (rows x longest row) each (a longer row goes alone), as verl's dynamic
+    batch size. Rows are taken longest first, so rows of similar length share a micro-batch and
+    padding stays small; the split never changes the loss (it is normalised over the mini-batch)."""
+    if rows < 1 or tokens < 0:
+        raise ValueError(f"micro-batches need rows >= 1 and tokens >= 0, got {rows} and {tokens}")
+    if len(index) <= rows and (not tokens or len(index) * int(lengths.max()) <= tokens):
+        return [index]  # one pass, rows in their given order
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out, current, longest = [], [], 0
+    for i in order.tolist():
+        n = int(lengths[i])
+        if current and (len(current) == rows or (tokens and (len(current) + 1) * max(longest, n) > tokens)):
+            out.append(index[current])
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        out.append(index[current])
+    return out
+
+
 def build_batch(trajectories: list[Trajectory], *, pad_id: int, scale_by_std: bool = True) -> tuple[RolloutBatch, dict]:
     """The training batch and the reward manager's metrics (reward, success, uniform-group share)."""
     kept = [t for t in trajectories if not t.failed and t.steps]

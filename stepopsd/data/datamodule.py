@@ -8,6 +8,7 @@ of tasks (rank r takes tasks r, r + world, ...), so groups stay whole on one ran
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from typing import Callable, Iterator
@@ -80,8 +81,10 @@ class RolloutDataModule(L.LightningDataModule):
         tasks = self._rank_tasks(self.tasks_per_step)
         t0 = time.perf_counter()
         rank = self.trainer.global_rank if self.trainer else 0
-        trajectories, stats = rollout(self.env, self.backend, self.tokenizer, tasks, self.rollout_cfg,
-                                      seed=self.seed + 100_003 * self.batches + rank)
+        with self.trainer.precision_plugin.forward_context() if self.trainer else contextlib.nullcontext():
+            # generation in the trainer's compute precision (bf16-mixed: autocast over the fp32 weights)
+            trajectories, stats = rollout(self.env, self.backend, self.tokenizer, tasks, self.rollout_cfg,
+                                          seed=self.seed + 100_003 * self.batches + rank)
         batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
         seconds = time.perf_counter() - t0
         self.batches += 1

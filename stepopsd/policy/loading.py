@@ -10,6 +10,10 @@ here). Errors are one line naming what was asked for: a path that is not a folde
 hub id ("./x", "/a/b", "a/b/c", "~/m"), or a hub id that cannot be resolved (offline and not
 cached, unknown repo, missing files).
 
+`random_policy` builds a hub architecture from its hyper-parameters (kept in conf/model/*.yaml) with
+random weights and a locally trained tokenizer (`task_tokenizer`): the memory and speed of the paper
+shapes, and the paper code path end to end, without any hub access. Its text is meaningless.
+
 Simplification: the model is put in eval mode; the trainer switches it to train mode itself.
 """
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import re
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,3 +63,51 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def load_tokenizer(path: str):
+    """A tokenizer folder (e.g. a saved tiny policy's), left-padded; one-line error when it is not one."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise OSError(f"tokenizer {path!r} could not be loaded: {' '.join(str(err).split())[:200]}") from None
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def task_tokenizer(tasks, *, vocab_size: int = 4096):
+    """The word-level tokenizer (`policy.tokenizer`) trained on the tasks' own text (ids, questions) plus its
+    fixed alphabet and protocol tags: enough to encode any prompt, for models whose weights are random."""
+    from stepopsd.policy.tokenizer import train_word_tokenizer
+
+    texts = [t.task_id.replace("/", " ").replace("-", " ") for t in tasks] + [t.question for t in tasks if t.question]
+    tokenizer = train_word_tokenizer(texts or ["go to"], vocab_size=vocab_size)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def random_policy(arch: dict, tokenizer, *, dtype: str = "float32", seed: int = 0):
+    """A causal LM of architecture `arch` ({"model_type": "qwen3", "hidden_size": ..., ...}: the keys of
+    the model's config.json) with random weights (the architecture's own init, seeded), its special-token
+    ids taken from `tokenizer`; the vocabulary stays `arch["vocab_size"]` (the real shapes), so ids the
+    tokenizer does not know are simply never produced by the prompts. Eval mode, on the CPU."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+    arch = dict(arch)
+    model_type = arch.pop("model_type", None)
+    if not model_type:
+        raise ValueError("model.arch needs a model_type (qwen3, qwen2, ...)")
+    if arch.get("vocab_size", 0) < len(tokenizer):
+        raise ValueError(f"model.arch.vocab_size={arch.get('vocab_size')} is smaller than the tokenizer ({len(tokenizer)})")
+    try:
+        config = AutoConfig.for_model(model_type, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, **arch)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.arch: {' '.join(str(err).split())[:200]}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
