@@ -4,6 +4,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import stepopsd.launch  # noqa: F401  registers the resolvers conf/hydra/default.yaml uses (as train.py and sft.py)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> float:

@@ -171,15 +171,26 @@ def rank_zero_first(what: str):
 
 def trainer_kwargs(trainer_cfg) -> dict:
     """`L.Trainer` keyword arguments from the `trainer` group: a strategy given as a node with `_target_`
-    (conf/trainer/fsdp.yaml) is instantiated; the group's `fsdp` node holds model-side settings for the
-    code that wraps the model, not for the Trainer, and is left out."""
+    (conf/trainer/fsdp.yaml) is instantiated (its `data_parallel_size: null` becomes devices x num_nodes);
+    the group's `fsdp` node holds model-side settings for `GRPOModule.configure_model` (ShardingConfig), not
+    for the Trainer, and is left out."""
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.pop("fsdp", None)
     if isinstance(kwargs.get("strategy"), dict):
         from hydra.utils import instantiate
 
-        kwargs["strategy"] = instantiate(trainer_cfg.strategy)
+        extra = {}
+        if sharded(trainer_cfg) and kwargs["strategy"].get("data_parallel_size") is None:
+            extra["data_parallel_size"] = trainer_cfg.devices * trainer_cfg.num_nodes  # every process one shard
+        kwargs["strategy"] = instantiate(trainer_cfg.strategy, **extra)
     return kwargs
+
+
+def sharded(trainer_cfg) -> bool:
+    """trainer=fsdp: Lightning's ModelParallelStrategy, the policy sharded with FSDP2 by GRPOModule.configure_model."""
+    strategy = trainer_cfg.get("strategy")
+    return not isinstance(strategy, str) and strategy is not None and \
+        str(strategy.get("_target_", "")).endswith("ModelParallelStrategy")
 
 
 def world_size_mismatch(devices, num_nodes) -> str | None:

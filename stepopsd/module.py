@@ -4,11 +4,15 @@ One training step = one rollout batch: `epochs` passes over random row mini-batc
 step each), each split into micro-batches (`micro_batch_rows` rows, or a token budget) whose
 gradients accumulate before the step, with every loss term normalised over the whole mini-batch so
 the gradient does not depend on the split; under DDP only the last micro-batch all-reduces. Per
-micro-batch: a forward pass, the clipped surrogate with the advantages in the batch (plain GRPO, or StepOPSD's
-after the TeacherRescoring callback reshaped them), k3 KL to a frozen reference, an entropy bonus,
-gradient clipping and an optimizer step. Before the first update the trainer's log-probs must equal
+micro-batch: a forward pass, the clipped surrogate with the advantages in the batch (plain GRPO, or
+StepOPSD's after the TeacherRescoring callback reshaped them), k3 KL to a frozen reference, an entropy
+bonus and a backward pass; per mini-batch: gradient clipping and an optimizer step. Before the first update the trainer's log-probs must equal
 the rollout's (the policy has not moved): their gap is logged every step and a gap past
 `logp_gap_threshold` stops the run (weights not synced, tokenisation drift).
+
+Under trainer=fsdp (ModelParallelStrategy) `configure_model` shards the policy with FSDP2: every micro-batch
+reduce-scatters, all ranks run as many micro-batches, and rollouts run inside `full_weights()`
+(experiments/launch/README.md, "FSDP").
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm,
                                      policy_loss, ppo_stats)
 from stepopsd.data.batch import RolloutBatch, micro_batches
 from stepopsd.policy.logprobs import left_align, tail_logprobs, tail_width
+from stepopsd.policy.sharding import ShardingConfig, full_state_dict, gathered, is_sharded, shard_policy
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,16 @@ class PPOConfig:
 
 class GRPOModule(L.LightningModule):
     """`policy`'s trainable weights must be float32 (the optimizer's master copy; compute in bf16 comes
-    from `trainer.precision=bf16-mixed`); the frozen KL reference is kept in `frozen_dtype`."""
+    from `trainer.precision=bf16-mixed`); the frozen KL reference is kept in `frozen_dtype`.
 
-    def __init__(self, policy: torch.nn.Module, ppo: PPOConfig, *, frozen_dtype: torch.dtype | None = None):
+    Under `trainer=fsdp` (Lightning's ModelParallelStrategy) `configure_model` shards the policy with FSDP2
+    (`sharding`); the KL reference and the teacher snapshot stay whole, frozen replicas on every rank (in
+    `frozen_dtype`: bf16 at 1.7B-3B, 3.4-6 GB). Rollouts and validation run inside `full_weights()`."""
+
+    def __init__(self, policy: torch.nn.Module, ppo: PPOConfig, *, frozen_dtype: torch.dtype | None = None,
+                 sharding: ShardingConfig | None = None):
         super().__init__()
+        self.sharding = sharding  # used only when the strategy provides a device mesh (trainer=fsdp)
         low = sorted({str(p.dtype) for p in policy.parameters() if p.requires_grad and p.dtype != torch.float32})
         if low:
             raise ValueError(f"the policy's trainable weights are {', '.join(low)}: AdamW would update them in place "
@@ -76,6 +87,29 @@ class GRPOModule(L.LightningModule):
         self.reference = None
         if ppo.kl_coef > 0:  # the frozen initial policy (kept separate from the teacher, spec §7)
             self.reference = copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False)
+
+    # --- trainer=fsdp: sharding and full weights --------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """Whether the policy is sharded with FSDP2 (trainer=fsdp, after `configure_model`)."""
+        return is_sharded(self.policy)
+
+    def configure_model(self) -> None:
+        """trainer=fsdp: shard the policy with FSDP2 over the data-parallel mesh (`sharding.shard_policy`).
+        Without a device mesh (single device, DDP) nothing happens. The frozen KL reference is not sharded."""
+        if self.device_mesh is not None and not self.sharded:
+            precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+            shard_policy(self.policy, self.device_mesh, self.sharding or ShardingConfig(), precision)
+
+    def full_weights(self):
+        """A context with the policy's full weights (rollouts, validation, a live-policy teacher): under FSDP the
+        shards gathered once on entry (a collective: every rank enters), elsewhere a no-op (`sharding.gathered`)."""
+        return gathered(self.policy, self.sharding or ShardingConfig()) if self.sharded else contextlib.nullcontext()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP: the policy's full state dict on global rank 0 (a collective); otherwise None (the
+        policy's own `state_dict()` is already full)."""
+        return full_state_dict(self.policy) if self.sharded else None
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.policy.parameters(), lr=self.ppo.lr, weight_decay=self.ppo.weight_decay)
@@ -122,21 +156,27 @@ class GRPOModule(L.LightningModule):
         mini-batch's loss terms and, flattened over its response tokens, log-probs / rollout log-probs /
         advantages for the diagnostics."""
         ppo = self.ppo
-        whole = left_align(batch.rows(index), batch.rows(index)["attention_mask"])["loss_mask"]
+        rows = batch.rows(index)  # the whole mini-batch's response window fixes every term's normaliser
+        whole = left_align({"loss_mask": rows["loss_mask"]}, rows["attention_mask"])["loss_mask"]
         norm = aggregation_norm(whole[:, -tail_width(whole):], ppo.agg)
         lengths = batch.attention_mask[index].sum(1)
         parts = micro_batches(index, lengths, rows=ppo.micro_batch_rows or ppo.mini_batch_rows,
                               tokens=ppo.micro_batch_tokens)
         sums: dict[str, torch.Tensor] = {}
         flat: dict[str, list[torch.Tensor]] = {"logp": [], "rollout_logp": [], "advantages": []}
+        real = len(parts)
+        parts = parts + parts[:1] * self._micro_batch_padding(real)
         for j, micro in enumerate(parts):
             rows = {k: v.to(self.device) for k, v in batch.rows(micro).items()}
             with self._grad_sync(j == len(parts) - 1):
                 loss, out = self.mini_batch_loss(rows, norm)
+                scale = weight if j < real else 0.0  # padding: a pass with no gradient (see _micro_batch_padding)
                 if self._trainer is not None:
-                    self.manual_backward(loss * weight)
+                    self.manual_backward(loss * scale)
                 else:  # outside a Trainer (tests, benchmarks): plain autograd
-                    (loss * weight).backward()
+                    (loss * scale).backward()
+            if j >= real:
+                continue
             for k in ("pg_loss", "entropy", "kl_ref"):
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + out[k]
@@ -150,6 +190,18 @@ class GRPOModule(L.LightningModule):
         """DDP all-reduces gradients in every backward unless blocked: only the last micro-batch syncs."""
         block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None
         return contextlib.nullcontext() if sync or block is None else block()
+
+    def _micro_batch_padding(self, count: int) -> int:
+        """Under FSDP every forward gathers weights and every backward reduce-scatters gradients, so all ranks
+        must run as many micro-batches (ranks differ in rows and in the token budget's split): a rank with
+        fewer repeats its first micro-batch with weight 0 (verl balances its dynamic micro-batches across
+        ranks likewise). Every micro-batch reduce-scatters (no gradient kept unsharded across micro-batches,
+        which would cost a full-size gradient). 0 elsewhere: DDP syncs only the last micro-batch."""
+        if not self.sharded or torch.distributed.get_world_size() < 2:  # sharded: the process group exists
+            return 0
+        most = torch.tensor(count, device=self.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)  # the ranks that shard (tp = 1)
+        return int(most) - count
 
     def training_step(self, batch: RolloutBatch, batch_idx: int):
         t0 = time.perf_counter()
@@ -196,7 +248,8 @@ class GRPOModule(L.LightningModule):
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip the global gradient norm to max_grad_norm; returns the norm before clipping. Under FSDP the
-        norm is taken over the shards of all ranks (the wrapped model's own clip)."""
+        gradients are DTensor shards and `clip_grad_norm_` reduces their norms over all ranks (a replicated
+        DTensor; tested against the unsharded norm of the same averaged gradient)."""
         model = self.trainer.model if self._trainer is not None else None
         if model is not None and hasattr(model, "clip_grad_norm_"):
             return model.clip_grad_norm_(self.ppo.max_grad_norm)
@@ -211,17 +264,29 @@ class GRPOModule(L.LightningModule):
         return max(1, chunks)
 
     def on_train_end(self) -> None:
-        """Under DDP, check that every rank ends with the same weights (a fingerprint per rank)."""
+        """Under DDP, check that every rank ends with the same weights (a fingerprint per rank). Under FSDP each
+        shard exists on one rank only: the fingerprint is of the gathered full weights (one tensor at a time)
+        and of the frozen KL reference replica, i.e. what every rank generates and scores with."""
         if self.trainer.world_size < 2:
             return
         with torch.no_grad():  # per tensor: sum and sum of squares (no full-model copy, cheap at any size)
-            params = list(self.policy.parameters())
-            fingerprint = torch.stack([p.float().sum() for p in params] + [p.float().square().sum() for p in params])
+            if self.sharded:
+                sums, squares = [], []
+                frozen = list(self.reference.parameters()) if self.reference is not None else []
+                for p in [*self.policy.parameters(), *frozen]:
+                    full = (p.full_tensor() if hasattr(p, "full_tensor") else p).float()
+                    sums.append(full.sum())
+                    squares.append(full.square().sum())
+                fingerprint = torch.stack(sums + squares)
+            else:
+                params = list(self.policy.parameters())
+                fingerprint = torch.stack([p.float().sum() for p in params] + [p.float().square().sum() for p in params])
             spread = self.trainer.strategy.reduce(fingerprint, reduce_op="max") - (
                 -self.trainer.strategy.reduce(-fingerprint, reduce_op="max"))
         diff = spread.abs().max().item()
         if self.trainer.is_global_zero:
-            print(f"[ddp] weight fingerprints across {self.trainer.world_size} ranks differ by at most {diff:.3g}")
+            kind = "[fsdp] gathered weight" if self.sharded else "[ddp] weight"
+            print(f"{kind} fingerprints across {self.trainer.world_size} ranks differ by at most {diff:.3g}")
         if diff > 1e-5 * max(1.0, fingerprint.abs().max().item()):
             raise RuntimeError(f"policy weights diverged across ranks (fingerprint spread {diff:.3g})")
 

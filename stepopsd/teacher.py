@@ -21,7 +21,8 @@ from stepopsd.policy.logprobs import left_align, tail_logprobs
 class TeacherSnapshot:
     """π_T: a frozen copy of the policy, refreshed every `refresh` optimizer steps (0 = live policy),
     kept in `dtype` (None: the policy's; bfloat16 halves a 1.7B-3B teacher's memory). A refresh copies
-    the policy's weights into the snapshot's dtype."""
+    the policy's weights into the snapshot's dtype. Under trainer=fsdp the snapshot is taken before the policy
+    is sharded and stays a whole replica on every rank; a refresh gathers the shards (`copy_full_weights`)."""
 
     def __init__(self, policy: torch.nn.Module, refresh: int, dtype: torch.dtype | None = None):
         self.refresh = refresh
@@ -37,7 +38,11 @@ class TeacherSnapshot:
     def maybe_refresh(self, policy: torch.nn.Module, step: int) -> bool:
         if self.refresh == 0 or step - self.taken_at < self.refresh:
             return False
-        self.model.load_state_dict(policy.state_dict())
+        state = policy.state_dict()
+        if any(hasattr(v, "full_tensor") for v in state.values()):  # trainer=fsdp: DTensor shards
+            copy_full_weights(state, self.model)
+        else:
+            self.model.load_state_dict(state)
         self.taken_at = step
         return True
 
@@ -49,6 +54,17 @@ class TeacherSnapshot:
         self.taken_at = state["taken_at"]
         if state["weights"] is not None:
             self.model.load_state_dict(state["weights"])
+
+
+@torch.no_grad()
+def copy_full_weights(state: dict, model: torch.nn.Module) -> None:
+    """`model` (a whole replica) <- `state`, a sharded policy's state dict (trainer=fsdp: DTensor shards),
+    gathered one tensor at a time and cast to the replica's dtype. A collective: every rank calls it."""
+    target = model.state_dict()
+    if target.keys() != state.keys():
+        raise KeyError(f"teacher and policy state dicts differ: {sorted(target.keys() ^ state.keys())[:4]}")
+    for name, value in state.items():
+        target[name].copy_(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.callbacks.rescoring import TeacherRescoring
@@ -24,11 +25,12 @@ from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.tasks import SPLITS
 from stepopsd.hindsight import alfworld_peer_lines
-from stepopsd.launch import launch, rank_zero_first, trainer_kwargs, world_size_mismatch
+from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, world_size_mismatch
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
 from stepopsd.policy.loading import DTYPES, load_policy, load_tokenizer, random_policy, task_tokenizer
+from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
 from stepopsd.rollout import RolloutConfig
 from stepopsd.sft import TinySFTConfig, ensure_tiny_policy
@@ -48,8 +50,12 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
         raise ConfigError(f"group_size={cfg.group_size}: GRPO needs >= 2 rollouts per task")
     if cfg.training_steps < 1 or cfg.tasks_per_step < 1:
         raise ConfigError("training_steps and tasks_per_step must be >= 1")
-    if cfg.ckpt_path is not None and not os.path.isfile(cfg.ckpt_path):
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs write them to <run dir>/checkpoints/)")
+    if cfg.ckpt_path is not None and os.path.isdir(cfg.ckpt_path) and not sharded(cfg.trainer):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is a folder: a sharded trainer=fsdp checkpoint; resume it with trainer=fsdp")
+    if cfg.ckpt_path is not None and not os.path.isfile(cfg.ckpt_path) and not (
+            sharded(cfg.trainer) and os.path.isfile(os.path.join(cfg.ckpt_path, "meta.pt"))):
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs write them to <run dir>/checkpoints/; "
+                          "trainer=fsdp: a folder)")
     if cfg.callbacks.checkpoint_every < 0:
         raise ConfigError(f"callbacks.checkpoint_every={cfg.callbacks.checkpoint_every}: use 0 (end only) or N >= 1")
     e = cfg.env
@@ -102,18 +108,32 @@ def check_precision(cfg: DictConfig) -> None:
     if m.get("init") == "random" and m.kind == "tiny":
         raise ConfigError("model.init=random is for the hub architectures (model=qwen3_1.7b or qwen2.5_3b_instruct); "
                           "the tiny policy is always built locally")
+    if m.get("init") == "random":
+        arch = OmegaConf.to_container(m.arch)
+        try:
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)  # cheap: no weights
+        except (KeyError, ValueError, TypeError) as e:
+            raise ConfigError(f"model.arch: {str(e).split('. ')[0][:200]}") from None
+        heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if heads % kv:
+            raise ConfigError(f"model.arch: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
 
 
 def check_launch(cfg: DictConfig) -> None:
     """Strategy, devices and nodes against how the processes were started (stepopsd/launch.py, experiments/launch/)."""
     t = cfg.trainer
     strategy = str(t.strategy if isinstance(t.strategy, str) else t.strategy.get("_target_", "")).lower()
-    if "fsdp" in strategy and str(t.accelerator) not in ("gpu", "cuda"):
-        raise ConfigError(f"trainer=fsdp: Lightning's FSDPStrategy needs GPUs (accelerator={t.accelerator}); "
-                          "on CPU use trainer=ddp trainer.accelerator=cpu")
-    if "fsdp" in strategy:  # lift once the model side is wired (conf/trainer/fsdp.yaml)
-        raise ConfigError("trainer=fsdp is not wired yet: GRPOModule's manual backward inside training_step fails under "
-                          "Lightning's FSDPStrategy (Lightning issue #19685); use trainer=ddp")
+    if "fsdp" in strategy:  # Lightning's FSDPStrategy (FSDP1), e.g. trainer.strategy=fsdp
+        raise ConfigError(f"trainer.strategy={strategy}: Lightning's FSDPStrategy cannot run GRPOModule's PPO backward "
+                          "inside training_step (Lightning issue #19685); use trainer=fsdp (FSDP2 under ModelParallelStrategy)")
+    if sharded(t):
+        if not isinstance(t.devices, int) or isinstance(t.devices, bool) or t.devices < 1:
+            raise ConfigError(f"trainer=fsdp: trainer.devices={t.devices}: give the number of processes per node "
+                              "(an integer; the policy is sharded over devices x num_nodes ranks)")
+        try:
+            ShardingConfig(**OmegaConf.to_container(t.fsdp))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from e
     if (mismatch := world_size_mismatch(t.devices, t.num_nodes)) is not None:
         raise ConfigError(mismatch)
     if t.num_nodes > 1 and launch() is None:
@@ -264,7 +284,8 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
     datamodule = RolloutDataModule(train_tasks, make_env, backend_factory, tokenizer, rollout_cfg,
                                    tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed)
     frozen = DTYPES[cfg.model.get("frozen_dtype", cfg.model.dtype)]
-    module = GRPOModule(policy, ppo, frozen_dtype=frozen)
+    sharding = ShardingConfig(**OmegaConf.to_container(cfg.trainer.fsdp)) if sharded(cfg.trainer) else None
+    module = GRPOModule(policy, ppo, frozen_dtype=frozen, sharding=sharding)
     validation = RolloutValidation(val_tasks, rollout_cfg, every=cfg.val_every, temperature=cfg.rollout.val_temperature,
                                    samples=cfg.val_samples, seed=cfg.seed, metric=cfg.env.success_metric)
     # One Lightning epoch = one training step (a rollout batch and its PPO update): checkpoints, resume
@@ -277,16 +298,20 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
                  RichProgressBar() if cfg.callbacks.progress_bar == "rich" else TQDMProgressBar()]
     if method is not None:
         callbacks.insert(1, TeacherRescoring(method, tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg),
-                                                micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))
+                                             micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))
     from hydra.utils import instantiate
 
     trainer = L.Trainer(max_epochs=cfg.training_steps, limit_train_batches=1, logger=instantiate(cfg.logger),
                         callbacks=callbacks, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
                         **trainer_kwargs(cfg.trainer))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    full = module.full_state_dict()  # trainer=fsdp: the shards gathered on rank 0 (every rank takes part)
     if trainer.is_global_zero:
         final = os.path.join(cfg.paths.output_dir, "policy")
-        policy.save_pretrained(final)
+        if full is None:
+            policy.save_pretrained(final)
+        else:
+            policy.save_pretrained(final, state_dict=full)
         tokenizer.save_pretrained(final)
         for split, history in validation.histories.items():
             print(f"[{label} data] validation {cfg.env.success_metric} on {split} by step: {history}")

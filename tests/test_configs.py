@@ -130,3 +130,12 @@ def test_bad_validation_knobs_are_one_line_config_errors(override, words):
     with pytest.raises(ConfigError, match=words) as e:
         check_config(cfg_of("experiment=alfworld_heat", "machine=cpu", override))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, words", [("model.arch.model_type=nope", "model.arch: Unrecognized"),
+                                             ("model.arch.num_key_value_heads=3", "not a multiple")])
+def test_bad_random_init_architecture_is_a_one_line_error(override, words):
+    cfg = cfg_of("experiment=alfworld_heat", "machine=cpu", "model=qwen3_1.7b", "model.init=random", override)
+    with pytest.raises(ConfigError, match=words) as e:
+        check_config(cfg)
+    assert "\n" not in str(e.value)

@@ -105,15 +105,19 @@ def test_trainer_groups_compose():
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(ROOT, "conf")):
         paper = compose("train", overrides=["experiment=alfworld_heat", "trainer=ddp", "trainer.num_nodes=4"]).trainer
     assert (paper.strategy, paper.accelerator, paper.num_nodes) == ("ddp", "gpu", 4)
-    fsdp = cfg_of("trainer=fsdp", "trainer.accelerator=gpu").trainer
+    fsdp = cfg_of("trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2").trainer
     kwargs = trainer_kwargs(fsdp)
-    assert type(kwargs["strategy"]).__name__ == "FSDPStrategy" and "fsdp" not in kwargs
-    assert {"auto_wrap", "activation_checkpointing", "mixed_precision"} <= set(fsdp.fsdp)
+    assert type(kwargs["strategy"]).__name__ == "ModelParallelStrategy" and "fsdp" not in kwargs
+    assert (kwargs["strategy"]._data_parallel_size, kwargs["strategy"]._tensor_parallel_size) == (8, 1)  # every process
+    assert set(fsdp.fsdp) == {"layer_class", "reshard_after_forward", "param_dtype", "reduce_dtype"}
+    check_config(cfg_of("trainer=fsdp", "trainer.devices=2"))  # CPU processes (gloo): accepted
 
 
 @pytest.mark.parametrize("overrides, env, words", [
-    (["trainer=fsdp"], {}, "FSDPStrategy needs GPUs"),
-    (["trainer=fsdp", "trainer.accelerator=gpu", "require_gpu=false"], {}, "not wired yet"),
+    (["trainer=ddp", "trainer.strategy=fsdp"], {}, "use trainer=fsdp"),  # Lightning's FSDPStrategy (FSDP1)
+    (["trainer=fsdp", "trainer.devices=auto"], {}, "trainer.devices=auto"),
+    (["trainer=fsdp", "trainer.fsdp.param_dtype=float16"], {}, "param_dtype=float16"),
+    (["trainer=ddp", f"ckpt_path={ROOT}"], {}, "resume it with trainer=fsdp"),  # a folder: a sharded checkpoint
     (["trainer=ddp", "trainer.num_nodes=2"], {}, "torchrun or SLURM"),
     (["trainer=ddp", "trainer.devices=1"], dict(TORCHELASTIC_RUN_ID="x", RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
                                                 MASTER_PORT=1), "torchrun started 2"),

@@ -7,6 +7,7 @@ this callback (`algorithm=grpo`), or with lambda_t = 0, training is exactly GRPO
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import lightning as L
@@ -45,7 +46,9 @@ class TeacherRescoring(L.Callback):
         t0 = time.perf_counter()
         refreshed = self.teacher.maybe_refresh(pl_module.policy, self.step)
         teacher = self.teacher.model.to(pl_module.device)
-        with trainer.precision_plugin.forward_context():  # the trainer's compute precision (bf16-mixed: autocast)
+        live = teacher is pl_module.policy and hasattr(pl_module, "full_weights")  # teacher_refresh=0
+        with trainer.precision_plugin.forward_context(), pl_module.full_weights() if live else contextlib.nullcontext():
+            # the trainer's compute precision (bf16-mixed: autocast); a live-policy teacher under FSDP: full weights
             shaped, metrics = rescore(batch, teacher, self.tokenizer, self.config, self.step,
                                       pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
                                       micro_batch=self.micro_batch, peer_lines=self.peer_lines)

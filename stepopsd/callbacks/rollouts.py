@@ -6,6 +6,7 @@ valid_unseen; Search-QA: test), rolled out together and counted per split and ta
 generated data says so in every metric name's prefix (`val_generated/<split>/...`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import lightning as L
@@ -19,7 +20,7 @@ class RolloutLogging(L.Callback):
     """Points the datamodule's generation at the policy and logs what each rollout measured."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        trainer.datamodule.attach(pl_module.policy)
+        trainer.datamodule.attach(pl_module.policy, getattr(pl_module, "full_weights", None))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         metrics = dict(trainer.datamodule.last_metrics)
@@ -68,12 +69,14 @@ class RolloutValidation(L.Callback):
         names = list(self.splits)
         types = sorted({t.task_type for t in self.tasks})
         won, seen = torch.zeros(len(names), len(types)), torch.zeros(len(names), len(types))
-        if mine:
-            trajectories, _ = rollout(dm.env, dm.backend, dm.tokenizer, mine, self.cfg, seed=self.seed + rank)
-            for t in trajectories:  # t.group indexes `mine`
-                i, j = names.index(mine_split[t.group]), types.index(t.task.task_type)
-                won[i, j] += t.success
-                seen[i, j] += 1
+        # the trainer's compute precision (bf16-mixed: autocast), as training rollouts; under FSDP the full
+        # weights are gathered by every rank, also one without validation tasks
+        with trainer.precision_plugin.forward_context(), getattr(pl_module, "full_weights", contextlib.nullcontext)():
+            trajectories = rollout(dm.env, dm.backend, dm.tokenizer, mine, self.cfg, seed=self.seed + rank)[0] if mine else []
+        for t in trajectories:  # t.group indexes `mine`
+            i, j = names.index(mine_split[t.group]), types.index(t.task.task_type)
+            won[i, j] += t.success
+            seen[i, j] += 1
         counts = trainer.strategy.reduce(torch.stack([won, seen]).to(pl_module.device), reduce_op="sum").cpu()
         won, seen = counts[0], counts[1]
         metrics = {}

@@ -46,6 +46,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.position = 0  # tasks consumed so far (checkpointed: resume continues the same order)
         self.batches = 0
         self.env = self.backend = None
+        self.full_weights = contextlib.nullcontext
         self.last_stats: RolloutStats | None = None
         self.last_metrics: dict = {}
 
@@ -57,9 +58,11 @@ class RolloutDataModule(L.LightningDataModule):
         self.position, self.batches = state["position"], state["batches"]
 
     # --- rollouts ----------------------------------------------------------------------------------
-    def attach(self, policy) -> None:
-        """Point generation at the policy being trained (called by the trainer's fit-start hook)."""
+    def attach(self, policy, full_weights: Callable | None = None) -> None:
+        """Point generation at the policy being trained (called by the trainer's fit-start hook). `full_weights`
+        (GRPOModule.full_weights) is entered around every rollout: under trainer=fsdp it gathers the shards."""
         self.backend = self.backend_factory(policy, self.tokenizer)
+        self.full_weights = full_weights or contextlib.nullcontext
         if self.env is None:
             self.env = self.env_factory()
 
@@ -81,8 +84,9 @@ class RolloutDataModule(L.LightningDataModule):
         tasks = self._rank_tasks(self.tasks_per_step)
         t0 = time.perf_counter()
         rank = self.trainer.global_rank if self.trainer else 0
-        with self.trainer.precision_plugin.forward_context() if self.trainer else contextlib.nullcontext():
-            # generation in the trainer's compute precision (bf16-mixed: autocast over the fp32 weights)
+        with self.trainer.precision_plugin.forward_context() if self.trainer else contextlib.nullcontext(), self.full_weights():
+            # generation in the trainer's compute precision (bf16-mixed: autocast over the fp32 weights; under
+            # trainer=fsdp over the gathered weights, bf16 as in the training forward)
             trajectories, stats = rollout(self.env, self.backend, self.tokenizer, tasks, self.rollout_cfg,
                                           seed=self.seed + 100_003 * self.batches + rank)
         batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)

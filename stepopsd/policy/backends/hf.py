@@ -20,6 +20,10 @@ untouched), so the same prompts, params, seed and batch_size give the same token
 `torch.no_grad()` rather than `inference_mode()`: a module that updates a buffer during forward
 (dynamic RoPE rescaling rewrites `inv_freq`) would otherwise keep an inference tensor that breaks
 the trainer's backward pass on the same module.
+Under trainer=fsdp the caller gathers the full weights around a whole rollout (GRPOModule.full_weights),
+so `generate` runs with no communication and ranks may call it different numbers of times: `synced_gpus`
+is passed as False, since HF would otherwise switch it on for an FSDP-managed module under torch.distributed
+and all-reduce a "finished" flag at every decoding step, which deadlocks ranks with different rollouts.
 Simplifications: one continuation per prompt (a GRPO group repeats its prompt); `sync_weights`
 only repoints the backend, because generation runs on the very module the trainer updates.
 """
@@ -118,6 +122,7 @@ class HFBackend:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=True,
+            synced_gpus=False,  # HF turns it on for an FSDP module (an all-reduce per token); see the module docstring
             output_logits=True,
             return_dict_in_generate=True,
             **sampling,
