@@ -3,6 +3,7 @@
 (old ones too) restore the histories. A toy environment decides who wins by the task's split."""
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -74,7 +75,9 @@ def tok():
 def fake_trainer(tok):
     dm = SimpleNamespace(env=WinByTaskEnv(), backend=Backend(tok.eos_token_id), tokenizer=tok)
     strategy = SimpleNamespace(reduce=lambda t, reduce_op: t)
-    return SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, strategy=strategy, logger=Logger())
+    precision = SimpleNamespace(forward_context=contextlib.nullcontext)  # 32-true: no autocast
+    return SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, strategy=strategy, logger=Logger(),
+                           precision_plugin=precision)
 
 
 def test_splits_are_counted_and_named_separately(tok):
