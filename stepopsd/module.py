@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+import torch.utils.checkpoint
 
 from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm, entropy_from_logits, kl_k3,
                                      policy_loss, ppo_stats)
 from stepopsd.data.batch import RolloutBatch, micro_batches
-from stepopsd.policy.logprobs import left_align, tail_logprobs, tail_width
+from stepopsd.policy.logprobs import left_align, tail_logits, tail_logprobs, tail_width, token_logprobs
 from stepopsd.policy.sharding import ShardingConfig, full_state_dict, gathered, is_sharded, shard_policy
 
 
@@ -133,11 +134,11 @@ class GRPOModule(L.LightningModule):
         tail = {k: v[:, -keep:] for k, v in rows.items()}
         mask = tail["loss_mask"]
         norm = norm or aggregation_norm(mask, ppo.agg)
-        logp, logits = tail_logprobs(self.policy, rows["input_ids"], rows["attention_mask"], keep,
-                                     temperature=ppo.temperature)
+        logits = tail_logits(self.policy, rows["input_ids"], rows["attention_mask"], keep)
+        logp, token_entropy = logp_and_entropy(logits, rows["input_ids"][:, -keep:], ppo.temperature)
         pg = policy_loss(logp, tail["rollout_logp"], tail["advantages"], mask,
                          clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg, norm=norm)
-        entropy = aggregate(entropy_from_logits(logits.float() / ppo.temperature), mask, ppo.agg, norm=norm)
+        entropy = aggregate(token_entropy, mask, ppo.agg, norm=norm)
         del logits
         loss = pg - ppo.entropy_coef * entropy
         parts = {"logp": logp.detach(), "pg_loss": pg.detach(), "entropy": entropy.detach(), "tail": tail}
@@ -298,6 +299,22 @@ class GRPOModule(L.LightningModule):
             raise RuntimeError(f"trainer and rollout log-probs differ by {gap.item():.4f} per token (threshold "
                                f"{self.ppo.logp_gap_threshold}): rollout weights not synced or tokenisation drift; "
                                "raise ppo.logp_gap_threshold only if you know why")
+
+
+def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) [B, N] (`token_logprobs`) and the entropy [B, N] (`entropy_from_logits`, Eq. 14's c_ent
+    term) of logits [B, N, V] at the sampling temperature, one row at a time under activation checkpointing:
+    backward keeps only the model's own logits and recomputes one row's float32 copies (scaled logits,
+    softmax) when it needs them, instead of holding several [B, N, V] float32 tensors per micro-batch."""
+    def row(z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (token_logprobs(z[None], t[None], temperature=temperature)[0],
+                entropy_from_logits(z.float() / temperature))
+
+    if not torch.is_grad_enabled():
+        pairs = [row(z, t) for z, t in zip(logits, targets)]
+    else:
+        pairs = [torch.utils.checkpoint.checkpoint(row, z, t, use_reentrant=False) for z, t in zip(logits, targets)]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def _add(metrics: dict, key: str, value: float) -> None:

@@ -228,3 +228,28 @@ def test_train_py_runs_the_paper_path_on_a_shrunken_random_qwen3(generated_games
     assert float(step["actor/kl_ref"]) >= 0 and "stepopsd/lambda" in step
     config = (tmp_path / "policy" / "config.json").read_text()
     assert '"num_hidden_layers": 2' in config and '"vocab_size": 151936' in config
+
+
+def test_the_loss_keeps_no_float32_copy_of_the_logits_for_backward(tok):
+    """What the PPO loss keeps for backward at the vocabulary's size: only the model's own logits (the
+    float32 scaled logits and softmax of the log-prob and entropy terms are recomputed a row at a time), not
+    the several [rows, T, vocab] float32 tensors a plain implementation saves."""
+    policy = qwen3(tok, vocab=4096)
+    batch = synthetic_batch(4096, LENGTHS[:4])
+    module = GRPOModule(policy, PPOConfig(kl_coef=0.0, entropy_coef=0.01, mini_batch_rows=4))
+    rows = batch.rows(torch.arange(4))
+    keep = max(r for _, r in LENGTHS[:4])
+    one_copy = 4 * keep * 4096 * 4  # bytes of one float32 [rows, keep, vocab] tensor
+    saved = []
+    weights = {p.untyped_storage().data_ptr() for p in policy.parameters()}  # the (tied) LM head is not a copy
+
+    def pack(t):
+        big = t.numel() >= keep * 4096 and t.untyped_storage().data_ptr() not in weights
+        saved.append(t.numel() * t.element_size() if big else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = module.mini_batch_loss(rows)
+    loss.backward()  # and the recomputation gives a gradient
+    assert sum(saved) <= 1.5 * one_copy, f"{sum(saved) / one_copy:.1f} float32 logits copies saved for backward"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())

@@ -83,6 +83,13 @@ def one(args) -> dict:
 
     device = torch.device(args.device)
     arch = json.loads(args.arch)
+    if args.head == "plain":  # the baseline: log-probs and entropy on the whole micro-batch, no recomputation
+        import stepopsd.module
+        from stepopsd.algorithms.grpo import entropy_from_logits
+        from stepopsd.policy.logprobs import token_logprobs
+
+        stepopsd.module.logp_and_entropy = lambda z, t, temp: (token_logprobs(z, t, temperature=temp),
+                                                               entropy_from_logits(z.float() / temp))
     tok = task_tokenizer([Task("train/heat", "heat", "x", "train", generated=True)])
     policy = random_policy(arch, tok).to(device)
     if args.checkpointing:
@@ -158,6 +165,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--teacher-micro", type=int, default=4)
     ap.add_argument("--checkpointing", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--head", choices=["checkpointed", "plain", "both"], default="checkpointed",
+                    help="log-prob/entropy head: the trainer's (row-wise recomputation) or the plain baseline")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak (H100/H200: 989)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,31 +181,31 @@ def main() -> None:
     print(f"# command: python experiments/benchmarks/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}")
     print(f"# shapes: {args.rows} rows x ({args.prompt} prompt + {args.response} response) tokens; teacher rows + {args.peer} "
           f"hindsight tokens in micro-batches of {args.teacher_micro}; bf16 autocast, fp32 master weights, bf16 reference/teacher")
-    print("| model | layers x hidden | params | ckpt | micro rows | update s | update peak GB | teacher s | teacher peak GB | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | layers x hidden | params | head | ckpt | micro rows | update s | update peak GB | teacher s | teacher peak GB | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
     for model in args.models:
         arch = arch_of(model, {} if args.no_shrink else SHRINK)
         points, params = [], 0
-        for ckpt in modes:
-            for micro in args.micro:
-                spec = dict(arch=json.dumps(arch), device=args.device, checkpointing=ckpt, rows=args.rows, prompt=args.prompt,
-                            response=args.response, peer=args.peer, micro=micro, teacher_micro=args.teacher_micro,
-                            peak_tflops=args.peak_tflops)
-                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    err = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
-                    print(f"| {model} | {arch['num_hidden_layers']} x {arch['hidden_size']} | | {'on' if ckpt else 'off'} | {micro} | failed: {err} |||||")
-                    continue
-                r = json.loads(proc.stdout.split("RESULT ")[-1])
-                params = r["params"]
-                mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
-                print(f"| {model} | {arch['num_hidden_layers']} x {arch['hidden_size']} | {params / 1e6:.1f} M | {'on' if ckpt else 'off'} "
-                      f"| {micro} | {r['update_s']:.2f} | {r['update_peak_gb']:.2f} | {r['teacher_s']:.2f} | {r['teacher_peak_gb']:.2f} | {mfu} |")
-                if ckpt:
-                    act = (r["update_peak_gb"] - r["static_gb"]) * GB - params * 12  # less grads and AdamW states
-                    points.append({"a_term": micro * (args.prompt + args.response) * arch["hidden_size"] * arch["num_hidden_layers"],
-                                   "b_term": micro * args.response * arch["vocab_size"], "act_bytes": act})
+        heads = ["plain", "checkpointed"] if args.head == "both" else [args.head]
+        for head, ckpt, micro in [(h, c, m) for h in heads for c in modes for m in args.micro]:
+            spec = dict(arch=json.dumps(arch), device=args.device, checkpointing=ckpt, rows=args.rows, prompt=args.prompt,
+                        response=args.response, peer=args.peer, micro=micro, teacher_micro=args.teacher_micro,
+                        peak_tflops=args.peak_tflops, head=head)
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                err = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                print(f"| {model} | {arch['num_hidden_layers']} x {arch['hidden_size']} | | {head} | {'on' if ckpt else 'off'} | {micro} | failed: {err} |||||")
+                continue
+            r = json.loads(proc.stdout.split("RESULT ")[-1])
+            params = r["params"]
+            mfu = f"{r['mfu']:.1%}" if "mfu" in r else "n/a"
+            print(f"| {model} | {arch['num_hidden_layers']} x {arch['hidden_size']} | {params / 1e6:.1f} M | {head} | {'on' if ckpt else 'off'} "
+                  f"| {micro} | {r['update_s']:.2f} | {r['update_peak_gb']:.2f} | {r['teacher_s']:.2f} | {r['teacher_peak_gb']:.2f} | {mfu} |")
+            if ckpt and head == args.head.replace("both", "checkpointed"):
+                act = (r["update_peak_gb"] - r["static_gb"]) * GB - params * 12  # less grads and AdamW states
+                points.append({"a_term": micro * (args.prompt + args.response) * arch["hidden_size"] * arch["num_hidden_layers"],
+                               "b_term": micro * args.response * arch["vocab_size"], "act_bytes": act})
         if len(points) >= 2:
             a, b = fit(points)
             full = arch_of(model, {})

@@ -75,12 +75,18 @@ def tail_width(loss_mask: torch.Tensor) -> int:
     return max(1, width - int(first))
 
 
+def tail_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """The logits [B, keep, V] that predict the last `keep` tokens of a LEFT-padded batch. The LM head runs on
+    those positions only (`logits_to_keep`): for a policy whose vocabulary is large next to its hidden
+    size, most of the cost of scoring a long prompt."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, logits_to_keep=keep + 1)
+    return out.logits[:, :-1]  # position t predicts token t + 1
+
+
 def tail_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int, *,
                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log-probs [B, keep] of the last `keep` tokens of a LEFT-padded batch and the logits [B, keep, V]
-    that gave them. The LM head runs on those positions only (`logits_to_keep`): for a policy whose
-    vocabulary is large next to its hidden size, most of the cost of scoring a long prompt."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, logits_to_keep=keep + 1)
-    logits = out.logits[:, :-1]  # position t predicts token t + 1
+    that gave them (`tail_logits`)."""
+    logits = tail_logits(model, input_ids, attention_mask, keep)
     return token_logprobs(logits, input_ids[:, -keep:], temperature=temperature), logits
