@@ -140,7 +140,8 @@ class GRPOModule(L.LightningModule):
                          clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg, norm=norm)
         entropy = aggregate(token_entropy, mask, ppo.agg, norm=norm)
         del logits
-        loss = pg - ppo.entropy_coef * entropy
+        # entropy is a diagnostic when c_ent = 0: kept out of the loss, so backward skips its softmax
+        loss = pg - ppo.entropy_coef * entropy if ppo.entropy_coef else pg
         parts = {"logp": logp.detach(), "pg_loss": pg.detach(), "entropy": entropy.detach(), "tail": tail}
         if self.reference is not None:
             with torch.no_grad():
@@ -157,8 +158,8 @@ class GRPOModule(L.LightningModule):
         mini-batch's loss terms and, flattened over its response tokens, log-probs / rollout log-probs /
         advantages for the diagnostics."""
         ppo = self.ppo
-        rows = batch.rows(index)  # the whole mini-batch's response window fixes every term's normaliser
-        whole = left_align({"loss_mask": rows["loss_mask"]}, rows["attention_mask"])["loss_mask"]
+        masks = batch.rows(index)  # the whole mini-batch's response window fixes every term's normaliser
+        whole = left_align({"loss_mask": masks["loss_mask"]}, masks["attention_mask"])["loss_mask"]
         norm = aggregation_norm(whole[:, -tail_width(whole):], ppo.agg)
         lengths = batch.attention_mask[index].sum(1)
         parts = micro_batches(index, lengths, rows=ppo.micro_batch_rows or ppo.mini_batch_rows,

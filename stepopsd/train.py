@@ -29,7 +29,7 @@ from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, wo
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
-from stepopsd.policy.loading import DTYPES, load_policy, load_tokenizer, random_policy, task_tokenizer
+from stepopsd.policy.loading import DTYPES, TASK_VOCAB, load_policy, load_tokenizer, random_policy, task_tokenizer
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
 from stepopsd.rollout import RolloutConfig
@@ -109,6 +109,12 @@ def check_precision(cfg: DictConfig) -> None:
         raise ConfigError("model.init=random is for the hub architectures (model=qwen3_1.7b or qwen2.5_3b_instruct); "
                           "the tiny policy is always built locally")
     if m.get("init") == "random":
+        if m.tokenizer and not os.path.isdir(os.path.expanduser(m.tokenizer)):
+            raise ConfigError(f"model.tokenizer={m.tokenizer}: no such folder (a saved tokenizer, e.g. <run dir>/policy); "
+                              "null trains one on the run's tasks")
+        if not m.tokenizer and m.arch.vocab_size < TASK_VOCAB:
+            raise ConfigError(f"model.arch.vocab_size={m.arch.vocab_size}: the task tokenizer may use up to {TASK_VOCAB} "
+                              "ids; keep the real vocabulary size (or >= that)")
         arch = OmegaConf.to_container(m.arch)
         try:
             config = AutoConfig.for_model(arch.pop("model_type"), **arch)  # cheap: no weights

@@ -133,7 +133,9 @@ def test_bad_validation_knobs_are_one_line_config_errors(override, words):
 
 
 @pytest.mark.parametrize("override, words", [("model.arch.model_type=nope", "model.arch: Unrecognized"),
-                                             ("model.arch.num_key_value_heads=3", "not a multiple")])
+                                             ("model.arch.num_key_value_heads=3", "not a multiple"),
+                                             ("model.arch.vocab_size=512", "model.arch.vocab_size=512"),
+                                             ("model.tokenizer=/no/such/tok", "model.tokenizer=/no/such/tok: no such folder")])
 def test_bad_random_init_architecture_is_a_one_line_error(override, words):
     cfg = cfg_of("experiment=alfworld_heat", "machine=cpu", "model=qwen3_1.7b", "model.init=random", override)
     with pytest.raises(ConfigError, match=words) as e:

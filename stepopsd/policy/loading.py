@@ -75,7 +75,10 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def task_tokenizer(tasks, *, vocab_size: int = 4096):
+TASK_VOCAB = 4096  # at most this many ids in `task_tokenizer`'s vocabulary
+
+
+def task_tokenizer(tasks, *, vocab_size: int = TASK_VOCAB):
     """The word-level tokenizer (`policy.tokenizer`) trained on the tasks' own text (ids, questions) plus its
     fixed alphabet and protocol tags: enough to encode any prompt, for models whose weights are random."""
     from stepopsd.policy.tokenizer import train_word_tokenizer
