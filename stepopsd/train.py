@@ -3,8 +3,9 @@
 The config picks; this module instantiates objects and hands them to each other (objects never
 receive the config). Everything that can be checked is checked before any expensive work: the
 knobs (their dataclasses validate themselves), the device, and the data. Validation runs on each split
-of `data.val_splits`; `train` returns the final overall success (Search-QA: exact match) on the FIRST
-of them (`val/valid_seen/success` in the ALFWorld paper configs), the metric a sweeper optimises.
+of `data.val_splits`; `train` returns the objective a sweeper optimises: the mean of the last
+`optimized_last_k` values of `optimized_metric` (default: the overall success, Search-QA exact match, on
+the FIRST split, `val/valid_seen/success` in the ALFWorld paper configs).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import functools
 import os
 
 import lightning as L
+import optuna
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -20,7 +22,7 @@ from transformers import AutoConfig
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.callbacks.rescoring import TeacherRescoring
-from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation
+from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.tasks import SPLITS
@@ -34,6 +36,7 @@ from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
 from stepopsd.rollout import RolloutConfig
 from stepopsd.sft import TinySFTConfig, ensure_tiny_policy
+from stepopsd.sweep import check_metric, metric_name, objective, trial_reporter
 from stepopsd.types import Task
 
 
@@ -66,6 +69,8 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
     if e.name == "search" and not e.retriever.start_server and not e.retriever.url:
         raise ConfigError("env.retriever.url is empty: point it at a Search-R1 retriever or set env.retriever.start_server=true")
     check_splits(cfg, cfg.data.val_splits, "data.val_splits")
+    if cfg.optimized_last_k < 1:
+        raise ConfigError(f"optimized_last_k={cfg.optimized_last_k}: the objective is the mean of the last K >= 1 validations")
     if cfg.val_tasks is not None and cfg.val_tasks < 1:
         raise ConfigError(f"val_tasks={cfg.val_tasks}: use N >= 1 tasks per validation split, or null for all")
     if cfg.algorithm.name not in ("grpo", "stepopsd"):
@@ -275,6 +280,7 @@ def train(cfg: DictConfig) -> float:
     train_tasks = load_split(cfg, data, cfg.data.train_split, cfg.data.task_types)
     val_tasks = {split: load_split(cfg, data, split, cfg.data.val_task_types, limit=cfg.val_tasks) for split in cfg.data.val_splits}
     label = "+".join(sorted({t.data_label for t in train_tasks}))
+    objective_name = check_objective(cfg, val_tasks)
     counts = ", ".join(f"{len(v)} {k}" for k, v in val_tasks.items())
     print(f"[{label} data] {len(train_tasks)} training and {counts} validation tasks ({cfg.env.name}); "
           f"algorithm={cfg.algorithm.name}")
@@ -282,18 +288,30 @@ def train(cfg: DictConfig) -> float:
         policy, tokenizer = build_policy(cfg, data, train_tasks)
     with retrieval_service(cfg, data) as retriever_url:
         return _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer,
-                    env_factory(cfg, retriever_url), label)
+                    env_factory(cfg, retriever_url), label, objective_name)
 
 
-def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label) -> float:
+def check_objective(cfg: DictConfig, val_tasks: dict[str, list[Task]]) -> str:
+    """The logged name of the metric `train` returns (`optimized_metric`), checked against what validation
+    will log on these tasks (one-line error otherwise)."""
+    tasks = [t for split in val_tasks.values() for t in split]
+    prefix, splits, metric = metric_prefix(tasks), list(val_tasks), cfg.env.success_metric
+    name = metric_name(cfg.optimized_metric, prefix, splits, metric)
+    if (problem := check_metric(name, prefix, splits, metric, sorted({t.task_type for t in tasks}))):
+        raise ConfigError(problem)
+    return name
+
+
+def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label, objective_name) -> float:
     backend_factory = functools.partial(HFBackend, batch_size=cfg.rollout.generate_batch_size)
     datamodule = RolloutDataModule(train_tasks, make_env, backend_factory, tokenizer, rollout_cfg,
                                    tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed)
     frozen = DTYPES[cfg.model.get("frozen_dtype", cfg.model.dtype)]
     sharding = ShardingConfig(**OmegaConf.to_container(cfg.trainer.fsdp)) if sharded(cfg.trainer) else None
     module = GRPOModule(policy, ppo, frozen_dtype=frozen, sharding=sharding)
+    reporter = trial_reporter(cfg.get("trial"), objective_name)  # a sweep trial's pruning (stepopsd/sweep.py)
     validation = RolloutValidation(val_tasks, rollout_cfg, every=cfg.val_every, temperature=cfg.rollout.val_temperature,
-                                   samples=cfg.val_samples, seed=cfg.seed, metric=cfg.env.success_metric)
+                                   samples=cfg.val_samples, seed=cfg.seed, metric=cfg.env.success_metric, report=reporter)
     # One Lightning epoch = one training step (a rollout batch and its PPO update): checkpoints, resume
     # and the progress bar count training steps, not PPO's several optimizer steps per batch.
     every = cfg.callbacks.checkpoint_every or cfg.training_steps
@@ -322,4 +340,9 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
         for split, history in validation.histories.items():
             print(f"[{label} data] validation {cfg.env.success_metric} on {split} by step: {history}")
         print(f"[{label} data] policy saved to {final}")
-    return validation.history[-1][1] if validation.history else float("nan")
+    if reporter is not None and reporter.pruned is not None:
+        raise optuna.TrialPruned(f"pruned at step {reporter.pruned} ({objective_name})")
+    value = objective(validation.records, objective_name, cfg.optimized_last_k)
+    if trainer.is_global_zero:
+        print(f"[{label} data] objective {objective_name} (mean of the last {cfg.optimized_last_k}): {value:.4f}")
+    return value

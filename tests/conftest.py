@@ -19,3 +19,28 @@ def generated_games(tmp_path_factory):
     out = tmp_path_factory.mktemp("games")
     report = make_games(str(out), log=lambda *_: None, **GAMES_ARGS)
     return out, report
+
+
+def sweep_command(games, cache, out, *overrides, search="two_knob_grid"):
+    """`python train.py -m hparams_search=<search> ...` on the tiny configuration, its study in `out`/study.db."""
+    from test_train_e2e import tiny_overrides
+
+    tiny = [o for o in tiny_overrides(games, cache, out) if not o.startswith("hydra.run.dir")]
+    return [sys.executable, "train.py", "-m", f"hparams_search={search}", "experiment=alfworld_heat", "machine=cpu", *tiny,
+            f"hydra.sweeper.storage=sqlite:///{out}/study.db", f"hydra.sweep.dir={out}/multirun", *overrides]
+
+
+@pytest.fixture(scope="session")
+def tiny_study(generated_games, tmp_path_factory):
+    """A real tiny two-knob sweep: the grid alpha_clip {0.05, 0.2} x lam0 {0.1}, 2 seeds per trial (4 tiny
+    runs of 2 training steps, validation after every step): {storage, study_name, multirun_dir, stdout}."""
+    import subprocess
+
+    out = tmp_path_factory.mktemp("tiny-study")
+    cache = tmp_path_factory.getbasetemp() / "tiny-cache"  # the tiny SFT policy other e2e tests share
+    cmd = sweep_command(str(generated_games[0]), cache, out, "algorithm.stepopsd.alpha_clip=choice(0.05,0.2)",
+                        "algorithm.stepopsd.lam0=choice(0.1)", "hydra.sweeper.study_name=tiny")
+    proc = subprocess.run(cmd, cwd=os.path.dirname(_TESTS_DIR), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"storage": f"sqlite:///{out}/study.db", "study_name": "tiny", "multirun_dir": str(out / "multirun"),
+            "stdout": proc.stdout}

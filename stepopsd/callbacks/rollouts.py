@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import Callable
 
 import lightning as L
 import torch
 
 from stepopsd.rollout import RolloutConfig, rollout
 from stepopsd.types import Task
+
+
+def metric_prefix(tasks: list[Task]) -> str:
+    """`val` on official data, `val_<label>` (`val_generated`) otherwise: the label stays in every name."""
+    label = "+".join(sorted({t.data_label for t in tasks}))
+    return "val" if label == "official" else f"val_{label}"
 
 
 class RolloutLogging(L.Callback):
@@ -37,10 +44,14 @@ class RolloutValidation(L.Callback):
     is one Lightning epoch: one rollout batch and its PPO update) and at the end.
 
     `histories[split]` holds (training step, overall success) per evaluation; `history` is the FIRST
-    split's, the run's one metric (what `train` returns and a sweeper optimises)."""
+    split's, the run's default metric. `records` holds (training step, every metric logged) per evaluation,
+    from which `train` computes the objective a sweeper optimises. `report(step, metrics)`, when given, is
+    called after each evaluation (a sweep trial's pruning reporter); when it returns True training stops
+    after this step."""
 
     def __init__(self, splits: dict[str, list[Task]], rollout_cfg: RolloutConfig, *, every: int, temperature: float = 0.4,
-                 samples: int = 1, seed: int = 0, metric: str = "success"):
+                 samples: int = 1, seed: int = 0, metric: str = "success",
+                 report: Callable[[int, dict], bool] | None = None):
         if not splits or not all(splits.values()):
             raise ValueError(f"validation needs one or more splits, each with tasks: got {[(k, len(v)) for k, v in splits.items()]}")
         self.splits = dict(splits)
@@ -52,6 +63,8 @@ class RolloutValidation(L.Callback):
         self.metric = metric  # "success" (ALFWorld) or "em" (Search-QA: success = exact match = 1)
         self.label = "+".join(sorted({t.data_label for t in self.tasks}))
         self.histories: dict[str, list[tuple[int, float]]] = {name: [] for name in self.splits}
+        self.records: list[tuple[int, dict[str, float]]] = []
+        self.report = report
 
     @property
     def history(self) -> list[tuple[int, float]]:
@@ -60,7 +73,7 @@ class RolloutValidation(L.Callback):
 
     @property
     def prefix(self) -> str:
-        return "val" if self.label == "official" else f"val_{self.label}"
+        return metric_prefix(self.tasks)
 
     def evaluate(self, trainer, pl_module, step: int) -> float:
         dm = trainer.datamodule
@@ -86,8 +99,11 @@ class RolloutValidation(L.Callback):
             metrics |= {f"{self.prefix}/{name}/{self.metric}_{kind}": (won[i, j] / seen[i, j]).item()
                         for j, kind in enumerate(types) if seen[i, j] > 0}
             self.histories[name].append((step, success))
+        self.records.append((step, metrics))
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
+        if self.report is not None and self.report(step, metrics):
+            trainer.should_stop = True
         return self.history[-1][1]
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -104,10 +120,12 @@ class RolloutValidation(L.Callback):
             self.evaluate(trainer, pl_module, trainer.current_epoch)
 
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "histories": {k: list(v) for k, v in self.histories.items()}}
+        return {"history": list(self.history), "histories": {k: list(v) for k, v in self.histories.items()},
+                "records": list(self.records)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         # checkpoints from before validation splits hold only the first split's `history`
         saved = state_dict.get("histories") or {next(iter(self.splits)): state_dict["history"]}
         for name in self.splits:
             self.histories[name] = [tuple(h) for h in saved.get(name, [])]
+        self.records = [(step, dict(m)) for step, m in state_dict.get("records", [])]
