@@ -279,3 +279,40 @@ def test_budget_matches_a_loop_reference_on_random_batches():
                 kappa = min(max(m_bar / (m_k + 1e-6), 1 / 1.5), 1.5)
                 ref[row][step_ids[row] == k] = shaped[row][step_ids[row] == k] * kappa
         close(out, ref, tol=1e-5)
+
+
+def test_step_per_row_budget_erases_step_differences_and_keeps_the_within_step_split():
+    """Spec §10 in the step-per-row layout (issue 10's note): every row of a trajectory carries the same A_i, so
+    Eq. 10-12 give every step the same mean |A^| -- the step-to-step differences Eq. 6-8 made are erased -- and
+    kappa never reaches its clip (|A~/A - 1| <= lam * alpha_clip = 0.04 at the defaults, far inside [1/C, C]);
+    only the split among a step's tokens survives. One trajectory, A = 1, three steps (rows) of two target tokens,
+    defaults lam = 0.2, alpha_clip = 0.2 (big |Delta| saturates w at 1 +- 0.2):
+      step 0: Delta (+9, +9) -> w (1.2, 1.2) -> A~ = 1 + 0.2*0.2 = (1.04, 1.04),  M_0 = 1.04
+      step 1: Delta (0, 0)   -> A~ = (1, 1),                                       M_1 = 1
+      step 2: Delta (-9, 0)  -> w (0.8, 1) -> A~ = (0.96, 1),                      M_2 = 0.98
+      M_bar = 3.02 / 3 = 1.006667; kappa = M_bar / M_k = (0.967949, 1.006667, 1.027211)
+      A^ = kappa_k * A~ = (1.006667, 1.006667), (1.006667, 1.006667), (0.986122, 1.027211): every step's mean is M_bar."""
+    adv = torch.ones(3, 2)
+    delta = torch.tensor([[9.0, 9.0], [0.0, 0.0], [-9.0, 0.0]])
+    step_ids, mask, traj = torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2), torch.zeros(3, dtype=torch.long)
+    off = shape_advantages(adv, delta, step_ids, mask, alpha_clip=0.2, lam=0.2, budget_clip=None, traj_ids=traj)
+    close(off, [[1.04, 1.04], [1.0, 1.0], [0.96, 1.0]])
+    on = shape_advantages(adv, delta, step_ids, mask, alpha_clip=0.2, lam=0.2, budget_clip=2.0, traj_ids=traj)
+    close(on, [[1.006667, 1.006667], [1.006667, 1.006667], [0.986122, 1.027211]])
+    close(on.mean(1), [1.006667] * 3)  # the step-to-step differences are gone
+    close(on[2, 0] / on[2, 1], off[2, 0] / off[2, 1])  # the within-step split (0.96 : 1) survives
+    # random gaps, several trajectories of both signs: per-step mean |A^| equal within each trajectory
+    g = torch.Generator().manual_seed(0)
+    rows, tokens = 12, 5
+    adv = torch.tensor([1.3] * 4 + [-0.7] * 4 + [0.4] * 4)[:, None].expand(rows, tokens).contiguous()
+    traj = torch.arange(rows) // 4
+    delta = torch.randn(rows, tokens, generator=g) * 3
+    on = shape_advantages(adv, delta, torch.zeros(rows, tokens, dtype=torch.long), torch.ones(rows, tokens),
+                          alpha_clip=0.2, lam=0.2, budget_clip=2.0, traj_ids=traj)
+    means = on.abs().mean(1).view(3, 4)
+    close(means, means[:, :1].expand(3, 4))
+    off = shape_advantages(adv, delta, torch.zeros(rows, tokens, dtype=torch.long), torch.ones(rows, tokens),
+                           alpha_clip=0.2, lam=0.2, budget_clip=None, traj_ids=traj)
+    kappa = on / off
+    assert kappa.min() > 1 / 1.05 and kappa.max() < 1.05  # far from the clip 1/C = 0.5, C = 2
+    assert (off.abs().mean(1).view(3, 4).std(1) > 1e-3).all()  # without the budget the steps did differ
