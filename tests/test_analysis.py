@@ -1,19 +1,177 @@
-import pytest
+"""stepopsd.analysis on hand-made inputs with numbers computed by hand (the notebooks on real tiny runs: test_notebooks.py)."""
+import math
+import os
 
-from stepopsd.analysis import read_metrics, validation
+import matplotlib
+
+matplotlib.use("Agg")
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from stepopsd import analysis as A  # noqa: E402
+
+HEADER = "actor/pg_loss,epoch,step,stepopsd/step_sign_agreement,train_step,val_generated/valid_seen/success\n"
 
 
-def test_read_metrics_skips_empty_cells_and_takes_the_latest_version(tmp_path):
-    for version, value in ((0, "9"), (1, "0.5")):
-        d = tmp_path / "csv" / f"version_{version}"
-        d.mkdir(parents=True)
-        (d / "metrics.csv").write_text("actor/pg_loss,epoch,step,val_generated/valid_seen/success\n"
-                                       f",,0,{value}\n0.25,0,0,\n-0.5,1,1,\n,,2,0.75\n")
-    m = read_metrics(str(tmp_path))
-    assert m["actor/pg_loss"] == [(0, 0.25), (1, -0.5)]
-    assert validation(str(tmp_path)) == {"val_generated/valid_seen/success": [(0, 0.5), (2, 0.75)]}
+def write_run(run_dir, csv_text=None, algorithm="stepopsd", seed=0, overrides=(), budget_clip=2.0, version=0):
+    d = run_dir / "csv" / f"version_{version}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "metrics.csv").write_text(csv_text or HEADER + ",,0,,,0.25\n0.5,0,0,nan,1.0,\n,,1,,,0.5\n")
+    (run_dir / ".hydra").mkdir(exist_ok=True)
+    knobs = {"stepopsd": {"alpha_clip": 0.1, "lam0": 0.05, "budget_clip": budget_clip}} if algorithm == "stepopsd" else {}
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": seed, "algorithm": {"name": algorithm, **knobs}, "data": {"task_types": ["heat", "cool"]}}))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"algorithm={algorithm}", *overrides]))
+    (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {"experiment": "alfworld_heat", "env": "alfworld"}}}}))
+    return str(run_dir)
+
+
+def test_run_frame_drops_empty_cells_keeps_logged_nan_takes_the_latest_version_and_counts_training_steps(tmp_path):
+    write_run(tmp_path, HEADER + ",,0,,,9\n", version=0)
+    write_run(tmp_path, version=1)  # version_1 wins over version_0 (a resumed logger)
+    long = A.run_frame(str(tmp_path))
+    assert list(long.columns) == ["step", "metric", "value"]
+    val = long[long.metric == "val_generated/valid_seen/success"]
+    assert val[["step", "value"]].values.tolist() == [[0, 0.25], [1, 0.5]]  # validations: steps done
+    # a training row's step is its train_step (1), not the logger's 0-based step column
+    assert long[long.metric == "actor/pg_loss"][["step", "value"]].values.tolist() == [[1, 0.5]]
+    nan = long[long.metric == "stepopsd/step_sign_agreement"]
+    assert len(nan) == 1 and math.isnan(nan.value.iloc[0])  # logged nan stays; empty cells are gone
+    wide = A.run_frame(str(tmp_path), wide=True)
+    assert wide.loc[1, "val_generated/valid_seen/success"] == 0.5 and wide.loc[1, "actor/pg_loss"] == 0.5
+    assert math.isnan(wide.loc[0, "actor/pg_loss"])
 
 
 def test_a_folder_without_metrics_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run directory"):
-        read_metrics(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pass a run directory"):
+        A.run_frame(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="pass run directories or globs"):
+        A.find_runs(str(tmp_path / "*"))
+
+
+def test_find_runs_takes_globs_and_paths_and_lists_each_run_once(tmp_path):
+    a, b = write_run(tmp_path / "a"), write_run(tmp_path / "sweep" / "trial0-seed0")
+    (tmp_path / "a-current").symlink_to(tmp_path / "a")  # as pytest's and some launchers' "latest" links
+    (tmp_path / "empty").mkdir()
+    assert A.find_runs(os.pathsep.join([str(tmp_path / "*"), str(tmp_path / "sweep" / "**"), a])) == [a, b]
+
+
+def test_run_info_reads_the_knobs_and_the_arm_from_the_saved_config(tmp_path):
+    off = A.run_info(write_run(tmp_path / "off", overrides=["algorithm.stepopsd.budget_clip=null", "seed=3"],
+                               seed=3, budget_clip=None))
+    assert off | {"run_dir": None} == {
+        "run_dir": None, "experiment": "alfworld_heat", "algorithm": "stepopsd", "arm": "stepopsd budget_clip=null",
+        "seed": 3, "alpha_clip": 0.1, "lam0": 0.05, "budget_clip": None, "task_types": "heat,cool",
+        "data": "generated", "env": "alfworld", "trial": None}
+    grpo = A.run_info(write_run(tmp_path / "grpo", HEADER.replace("val_generated/", "val/") + ",,0,,,0.25\n",
+                                algorithm="grpo", overrides=["algorithm.stepopsd.lam0=0.5"]))
+    assert (grpo["arm"], grpo["alpha_clip"], grpo["data"]) == ("grpo", None, "official")  # StepOPSD knobs ignored
+    assert A.data_label(["actor/pg_loss"]) == "unknown"
+
+
+def toy_runs(tmp_path):
+    """3 seeds x 2 arms; final validation grpo 0.1, 0.2, 0.3 and stepopsd 0.2, 0.4, 0.6 (step 2)."""
+    dirs = []
+    for arm, finals in (("grpo", (0.1, 0.2, 0.3)), ("stepopsd", (0.2, 0.4, 0.6))):
+        for seed, v in enumerate(finals):
+            csv = HEADER + f",,0,,,0.0\n,,2,,,{v}\n"
+            dirs.append(write_run(tmp_path / f"{arm}{seed}", csv, algorithm=arm, seed=seed))
+    return A.runs_frame(A.find_runs(str(tmp_path / "*")))
+
+
+def test_summarise_gives_mean_standard_error_and_n_over_seeds(tmp_path):
+    runs = toy_runs(tmp_path)
+    s = A.summarise(A.final(runs, "val_generated/valid_seen/success"), "arm").set_index("arm")
+    # grpo: mean 0.2, sd 0.1, SE 0.1/sqrt(3) = 0.057735; stepopsd: mean 0.4, sd 0.2, SE 0.115470
+    assert s.loc["grpo"].tolist() == pytest.approx([0.2, 0.057735, 3], abs=1e-6)
+    assert s.loc["stepopsd"].tolist() == pytest.approx([0.4, 0.115470, 3], abs=1e-6)
+    curve = A.summarise(runs, ["arm", "step"], "val_generated/valid_seen/success")
+    assert curve[curve.step == 0][["mean", "se", "n"]].values.tolist() == [[0, 0, 3], [0, 0, 3]]
+    with pytest.raises(ValueError, match="add 'step' to by"):
+        A.summarise(runs, "arm", "val_generated/valid_seen/success")
+    one = A.summarise(pd.DataFrame({"arm": ["a"], "value": [0.5]}), "arm")
+    assert one["n"].item() == 1 and math.isnan(one["se"].item())
+
+
+def test_paired_comparison_on_three_seeds_matches_the_hand_computed_t_test(tmp_path):
+    finals = A.final(toy_runs(tmp_path), "val_generated/valid_seen/success")
+    res = A.paired(finals, "grpo", "stepopsd")
+    # d = 0.1, 0.2, 0.3: mean 0.2, sd 0.1, SE 0.1/sqrt(3), t = 0.2/SE = 3.464102; df = 2, where the t CDF is
+    # 1/2 + t/(2 sqrt(t^2 + 2)), so p = 1 - t/sqrt(t^2 + 2) = 1 - 3.464102/3.741657 = 0.074180
+    assert (res["n"], res["seeds"]) == (3, [0, 1, 2])
+    assert [res["mean_diff"], res["se"], res["t"], res["p"]] == pytest.approx([0.2, 0.057735, 3.464102, 0.074180], abs=1e-6)
+    assert "not significant at 0.05" in A.paired_text(res, "val_generated/valid_seen/success", "generated games")
+    same = A.paired(finals.assign(value=0.5), "grpo", "stepopsd")
+    assert same["mean_diff"] == 0 and math.isnan(same["t"])
+    assert "every difference is equal" in A.paired_text(same, "m", "generated games")
+    with pytest.raises(ValueError, match="share no seed"):
+        A.paired(finals[~((finals.arm == "grpo") & (finals.seed < 3))], "grpo", "stepopsd")
+    with pytest.raises(ValueError, match="one row per run"):
+        A.paired(toy_runs(tmp_path / "again")[lambda d: d.metric.str.startswith("val")], "grpo", "stepopsd")
+
+
+def test_curves_and_task_bars_draw_the_means_with_their_errors_and_say_generated(tmp_path):
+    runs = toy_runs(tmp_path)
+    ax = A.curves(runs, "val_generated/valid_seen/success")
+    assert "(generated games" in ax.get_title() and ax.get_xlabel() == "training step"
+    assert [line.get_label() for line in ax.lines] == ["grpo (n=3)", "stepopsd (n=3)"]
+    assert [line.get_ydata().tolist() for line in ax.lines] == [pytest.approx([0.0, 0.2]), pytest.approx([0.0, 0.4])]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # grpo: mean +- SE at step 2
+    assert band.max() == pytest.approx(0.2 + 0.057735, abs=1e-6) and band.min() == pytest.approx(0.0)
+    heat = HEADER.replace("success\n", "success,val_generated/valid_seen/success_heat\n")
+    bars = A.runs_frame([write_run(tmp_path / f"b{s}", heat + f",,1,,,0.5,{v}\n", seed=s) for s, v in ((0, 0.25), (1, 0.75))])
+    ax = A.task_bars(bars)
+    assert [p.get_height() for p in ax.patches] == [0.5] and "generated games" in ax.get_title()
+    (segment,) = ax.containers[0].lines[2][0].get_segments()  # mean 0.5 +- SE 0.353553/sqrt(2) = 0.25
+    assert segment[:, 1].tolist() == pytest.approx([0.25, 0.75])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["heat"]
+    with pytest.raises(ValueError, match="_<type>"):
+        A.task_bars(runs)
+
+
+def make_study(storage, name="toy"):
+    """A 2 x 2 grid, 2 seeds per trial, plus a PRUNED and a FAIL trial: what the sweeper stores."""
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    grid = {A.ALPHA: optuna.distributions.CategoricalDistribution([0.05, 0.2]),
+            A.LAM: optuna.distributions.CategoricalDistribution([0.1, 0.2])}
+    for (alpha, lam), values in {(0.05, 0.1): [0.2, 0.4], (0.05, 0.2): [0.5, 0.5], (0.2, 0.1): [0.1, None],
+                                 (0.2, 0.2): [0.6, 0.8]}.items():
+        study.enqueue_trial({A.ALPHA: alpha, A.LAM: lam})
+        t = study.ask(grid)
+        t.set_user_attr("seeds", [0, 1])
+        t.set_user_attr("seed_values", values)
+        study.tell(t, sum(v for v in values if v is not None) / sum(v is not None for v in values))
+    study.enqueue_trial({A.ALPHA: 0.05, A.LAM: 0.1})
+    study.tell(study.ask(grid), state=optuna.trial.TrialState.PRUNED)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+
+
+@pytest.mark.parametrize("scheme", ["sqlite", "journal"])
+def test_study_frame_and_the_heatmap_annotate_mean_and_spread_over_seeds(scheme, tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db" if scheme == "sqlite" else f"journal:///{tmp_path}/s.log"
+    if scheme == "sqlite":
+        make_study(storage)
+    else:
+        make_study(optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/s.log")))
+    study = A.study_frame(storage, "toy")
+    assert study["state"].tolist() == ["COMPLETE"] * 4 + ["PRUNED", "FAIL"]
+    assert study.loc[0, [A.ALPHA, A.LAM, "value"]].tolist() == pytest.approx([0.05, 0.1, 0.3])
+    assert study.loc[0, "seed_values"] == [0.2, 0.4] and study.loc[5, "seeds"] is None
+    assert study.attrs["direction"] == "MAXIMIZE"
+    cells = A.cells(study).set_index([A.ALPHA, A.LAM])
+    # (0.05, 0.1): 0.2, 0.4 -> mean 0.3, sd 0.141421, SE 0.1; (0.2, 0.1): the crashed seed's None dropped, n = 1
+    assert cells.loc[(0.05, 0.1)].tolist() == pytest.approx([0.3, 0.1, 2])
+    assert cells.loc[(0.2, 0.1), "n"] == 1 and math.isnan(cells.loc[(0.2, 0.1), "se"])
+    ax = A.heatmap(study, "generated games")
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == ["0.100\n± n/a (n=1)", "0.300\n± 0.100 (n=2)", "0.500\n± 0.000 (n=2)", "0.700\n± 0.100 (n=2)"]
+    assert "(generated games)" in ax.get_title() and ax.get_xlabel() == A.ALPHA
+
+
+def test_a_missing_study_file_says_to_pass_the_storage_url(tmp_path):
+    with pytest.raises(FileNotFoundError, match="hydra.sweeper.storage"):
+        A.study_frame(f"sqlite:///{tmp_path}/none.db", "toy")
+    assert not (tmp_path / "none.db").exists()  # reading never creates an empty study file

@@ -1,0 +1,95 @@
+"""The notebooks executed end to end with nbclient on real tiny runs: 4 jobs of `train.py` (grpo and stepopsd,
+seeds 0 and 1, 2 training steps, validation at every step) and a real tiny Optuna sweep (conftest's `tiny_study`). read_run runs
+under the kernel's inline backend (the figures are displayed), the other two under MPLBACKEND=Agg (the figures
+are only saved): the notebooks hold no backend-specific code."""
+import os
+
+import matplotlib.image
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from test_train_e2e import ROOT, run_train, tiny_overrides
+
+from stepopsd import analysis as A
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(generated_games, tmp_path_factory):
+    """{(algorithm, seed): run dir} of 4 tiny runs sharing one SFT warm start (paths.cache_dir), made by one
+    Hydra multirun (`train.py -m algorithm=grpo,stepopsd seed=0,1`: the basic launcher runs the 4 jobs one
+    after another in one process, about 30 s instead of 4 x 25 s of separate processes)."""
+    games, cache = str(generated_games[0]), tmp_path_factory.getbasetemp() / "tiny-cache"
+    out = tmp_path_factory.mktemp("nb-runs")
+    tiny = [o for o in tiny_overrides(games, cache, out) if not o.startswith("hydra.run.dir")]
+    proc = run_train("-m", "experiment=alfworld_heat", "machine=cpu", "algorithm=grpo,stepopsd", "seed=0,1", *tiny,
+                     f"hydra.sweep.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {(A.run_info(d)["algorithm"], A.run_info(d)["seed"]): d for d in A.find_runs(str(out / "*"))}
+    assert sorted(runs) == [("grpo", 0), ("grpo", 1), ("stepopsd", 0), ("stepopsd", 1)]
+    return runs
+
+
+def execute(name, folder, monkeypatch, backend=None, **env):
+    """Run notebooks/<name>.ipynb top to bottom in a fresh kernel with `env` set; returns the executed notebook
+    and {figure name: PNG path} of what it saved into <folder>/figures."""
+    path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    stored = [c for c in nb.cells if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    assert not stored, f"{path} is stored with outputs: clear them (jupyter nbconvert --clear-output --inplace {path})"
+    for key, value in {"STEPOPSD_FIGURES": str(folder / "figures"), **env}.items():
+        monkeypatch.setenv(key, value)
+    if backend:
+        monkeypatch.setenv("MPLBACKEND", backend)
+    else:
+        monkeypatch.delenv("MPLBACKEND", raising=False)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    figures = {f[:-4]: str(folder / "figures" / f) for f in os.listdir(folder / "figures")}
+    assert all(matplotlib.image.imread(p).shape[0] > 100 for p in figures.values())  # real rendered images
+    return nb, figures
+
+
+def texts(nb):
+    return "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_run_info_says_what_each_tiny_run_was(tiny_runs):
+    for (algorithm, seed), run in tiny_runs.items():
+        info = A.run_info(run)
+        assert (info["algorithm"], info["arm"], info["seed"], info["experiment"]) == (algorithm, algorithm, seed, "alfworld_heat")
+        assert (info["data"], info["task_types"], info["env"]) == ("generated", "heat", "alfworld")
+        assert (info["alpha_clip"] is None) == (algorithm == "grpo")
+        val = A.run_frame(run).query("metric == 'val_generated/valid_seen/success'")
+        assert val["step"].tolist() == [0, 1, 2]  # training_steps=2, val_every=1: start, after each step
+
+
+def test_read_run_notebook(tiny_runs, tmp_path, monkeypatch):
+    nb, figures = execute("read_run", tmp_path, monkeypatch, STEPOPSD_RUN=tiny_runs["stepopsd", 0])
+    assert set(figures) == {"rollout_and_validation", "actor", "stepopsd"}
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 3
+    assert "alfworld_heat" in texts(nb) and "val_generated/valid_seen/success" in texts(nb)
+
+
+def test_compare_runs_notebook(tiny_runs, tmp_path, monkeypatch):
+    sweep = os.path.dirname(tiny_runs["grpo", 0])  # a glob of every job, and two of them again as plain paths
+    spec = os.pathsep.join([os.path.join(sweep, "**"), tiny_runs["stepopsd", 0], tiny_runs["stepopsd", 1]])
+    nb, figures = execute("compare_runs", tmp_path, monkeypatch, backend="Agg", STEPOPSD_RUNS=spec)
+    assert set(figures) == {"curves", "task_types"}
+    runs = A.runs_frame(sorted(tiny_runs.values()))
+    metric = "val_generated/valid_seen/success"
+    res = A.paired(A.final(runs, metric), "grpo", "stepopsd")
+    assert res["n"] == 2
+    assert A.paired_text(res, metric, "generated games") in texts(nb)
+
+
+def test_two_knob_notebook(tiny_study, tmp_path, monkeypatch):
+    nb, figures = execute("two_knob", tmp_path, monkeypatch, backend="Agg",
+                          STEPOPSD_STUDY_STORAGE=tiny_study["storage"], STEPOPSD_STUDY_NAME=tiny_study["study_name"])
+    assert set(figures) == {"two_knob"}
+    study = A.study_frame(tiny_study["storage"], tiny_study["study_name"])
+    done = study[study["state"] == "COMPLETE"].sort_values("value", ascending=study.attrs["direction"] == "MINIMIZE")
+    best = done.iloc[0]
+    out = texts(nb)
+    assert f"best trial {best['number']}: {A.ALPHA}={best[A.ALPHA]:g}, {A.LAM}={best[A.LAM]:g}" in out
+    assert "on generated games" in out  # the data label read from the trials' own runs
+    assert "best_params" in out  # the sweeper's optimization_results.yaml, shown next to the table
