@@ -12,14 +12,11 @@ def main(cfg: DictConfig) -> float:
     from stepopsd.launch import LaunchError
     from stepopsd.train import ConfigError, train
 
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     try:
         return train(cfg)
     except (ConfigError, FileNotFoundError, LaunchError) as e:  # bad knobs, missing data, rank 0 failed: one line
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # a sweep trial: the sweeper records it and stops the sweep with this line
+        if cfg.trial.number is not None:
+            raise  # an Optuna sweep's trial: the sweeper records it and stops the sweep with this line
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

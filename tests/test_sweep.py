@@ -128,6 +128,22 @@ def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(games, cache, tmp_pa
     assert "Traceback" not in proc.stderr
 
 
+def test_n_jobs_trials_run_in_parallel_through_the_submitit_launcher(games, cache, tmp_path):
+    """n_jobs trials asked together and launched as one batch; submitit_local runs each job in its own process
+    (Hydra's joblib launcher cannot: its loky workers cannot spawn the env worker processes)."""
+    proc = run(sweep_command(games, cache, tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2",
+                             "hydra.sweeper.pruner=null", "hydra.sweeper.study_name=parallel", "training_steps=1",
+                             "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", search="two_knob"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 at a time" in proc.stdout
+    ts = trials(tmp_path, "parallel")
+    assert [t.state for t in ts] == [TrialState.COMPLETE] * 2 and ts[0].params != ts[1].params
+    dirs = [t.user_attrs["job_dirs"][0] for t in ts]
+    starts = [os.path.getmtime(os.path.join(d, ".hydra", "config.yaml")) for d in dirs]  # written as a job starts
+    ends = [os.path.getmtime(os.path.join(d, "policy", "model.safetensors")) for d in dirs]  # and as it ends
+    assert max(starts) < min(ends), "one trial started only after the other ended"
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["algorithm.stepopsd.alpa_clip=choice(0.1,0.2)"], "no config key 'algorithm.stepopsd.alpa_clip'"),
     (["algorithm=grpo"], "no config key 'algorithm.stepopsd.alpha_clip'"),
