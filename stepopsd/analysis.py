@@ -168,7 +168,8 @@ def paired(df: pd.DataFrame, a: str, b: str, by: str = "arm", on: str = "seed", 
     side = {arm: df[df[by] == arm].set_index(on)[value] for arm in (a, b)}
     for arm, s in side.items():
         if s.index.duplicated().any():
-            raise ValueError(f"paired: several {value}s for {by}={arm!r} on one {on}: pass one row per run (final(df, metric))")
+            raise ValueError(f"paired: several {value}s for {by}={arm!r} on one {on}: pass one row per run of one "
+                             f"experiment (final(df, metric)), or group by what tells the runs apart")
     shared = sorted(set(side[a].index) & set(side[b].index))
     if not shared:
         raise ValueError(f"paired: {by}={a!r} and {by}={b!r} share no {on}; have {sorted(df[by].unique())}")

@@ -3,11 +3,13 @@ seeds 0 and 1, 2 training steps, validation at every step) and a real tiny Optun
 under the kernel's inline backend (the figures are displayed), the other two under MPLBACKEND=Agg (the figures
 are only saved): the notebooks hold no backend-specific code."""
 import os
+import shutil
 
 import matplotlib.image
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 from test_train_e2e import ROOT, run_train, tiny_overrides
 
 from stepopsd import analysis as A
@@ -70,16 +72,30 @@ def test_read_run_notebook(tiny_runs, tmp_path, monkeypatch):
     assert "alfworld_heat" in texts(nb) and "val_generated/valid_seen/success" in texts(nb)
 
 
+def other_experiment(run, folder):
+    """A copy of a tiny run relabelled as another experiment (hydra.yaml's choice), to mix into a runs list."""
+    copy = folder / "pick_two-run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints", "policy"))
+    hydra = copy / ".hydra" / "hydra.yaml"
+    hydra.write_text(hydra.read_text().replace("experiment: alfworld_heat", "experiment: alfworld_pick_two"))
+    return str(copy)
+
+
 def test_compare_runs_notebook(tiny_runs, tmp_path, monkeypatch):
-    sweep = os.path.dirname(tiny_runs["grpo", 0])  # a glob of every job, and two of them again as plain paths
-    spec = os.pathsep.join([os.path.join(sweep, "**"), tiny_runs["stepopsd", 0], tiny_runs["stepopsd", 1]])
-    nb, figures = execute("compare_runs", tmp_path, monkeypatch, backend="Agg", STEPOPSD_RUNS=spec)
+    sweep = os.path.dirname(tiny_runs["grpo", 0])  # a glob of every job, two of them again as plain paths, and
+    spec = os.pathsep.join([os.path.join(sweep, "**"), tiny_runs["stepopsd", 0], tiny_runs["stepopsd", 1],
+                            other_experiment(tiny_runs["grpo", 0], tmp_path)])  # a run of another experiment
+    nb, figures = execute("compare_runs", tmp_path, monkeypatch, backend="Agg", STEPOPSD_RUNS=spec,
+                          STEPOPSD_EXPERIMENT="alfworld_heat")
     assert set(figures) == {"curves", "task_types"}
     runs = A.runs_frame(sorted(tiny_runs.values()))
     metric = "val_generated/valid_seen/success"
     res = A.paired(A.final(runs, metric), "grpo", "stepopsd")
     assert res["n"] == 2
     assert A.paired_text(res, metric, "generated games") in texts(nb)
+    monkeypatch.delenv("STEPOPSD_EXPERIMENT")
+    with pytest.raises(CellExecutionError, match="set STEPOPSD_EXPERIMENT to one of them"):
+        execute("compare_runs", tmp_path, monkeypatch, backend="Agg", STEPOPSD_RUNS=spec)
 
 
 def test_two_knob_notebook(tiny_study, tmp_path, monkeypatch):
