@@ -190,6 +190,20 @@ def paired_text(res: dict, metric: str, data: str, level: float = 0.05) -> str:
     return f"{head} ± {res['se']:.4f} (SE), paired t = {res['t']:.2f}, p = {res['p']:.3f}: {verdict} at {level}"
 
 
+def provenance(argv: list[str] | None = None) -> str:
+    """The line that heads a result table: this machine (cores, CPU model), the git commit and the command."""
+    import platform
+    import subprocess
+    import sys
+
+    cpu = platform.processor() or "?"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"machine: {os.cpu_count()} cores, {cpu}; commit {commit or '?'}; command: `{' '.join(argv or sys.argv)}`"
+
+
 def save(fig, folder: str | None, name: str) -> str | None:
     """Write `fig` to `<folder>/<name>.png` (the notebooks' STEPOPSD_FIGURES); None when no folder is given."""
     if not folder:
