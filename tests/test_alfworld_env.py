@@ -1,4 +1,5 @@
 """The batched ALFWorld environment on the real engine, and the demonstration export."""
+import glob
 import json
 import os
 import signal
@@ -136,24 +137,31 @@ for game in games + games[:2]:  # the last two reset a game already translated (
         state = engine.step(rng.choice(sorted(state["admissible"])))
         seen.append(state)
 import fast_downward
-cached = [getattr(f, "stepopsd_cached", False) for f in (textgen._parse_and_convert, fast_downward.pddl2sas)]
-print(json.dumps({"cached": cached, "seen": seen}))
+import textworld.envs.pddl.logic as pddl_logic
+from textworld.logic import Rule
+cached = [getattr(f, "stepopsd_cached", False) for f in (
+    textgen._parse_and_convert, pddl_logic._parse_and_convert, fast_downward.pddl2sas, Rule.parse_conjunctive_query)]
+print(json.dumps({"cached": cached, "translations": getattr(fast_downward.pddl2sas, "translations", None), "seen": seen}))
 """
 
 
-def test_engine_cache_gives_the_same_text_as_plain_textworld(generated_games):
+def test_engine_cache_gives_the_same_text_as_plain_textworld(generated_games, tmp_path):
     """Random commands on every generated game, with and without the engine caches: same observations,
-    admissible commands and win flags (run in fresh processes, since the patch is process-wide)."""
+    admissible commands and win flags (run in fresh processes, since the patch is process-wide). The first
+    cached run translates every game and keeps the translations on disk; the second reads them all."""
     import subprocess
     import sys
 
     runs = []
-    for plain in ("", "1"):
-        env = dict(os.environ, STEPOPSD_PLAIN_TEXTWORLD=plain)
+    games = len(glob.glob(str(generated_games[0] / "**" / "game.tw-pddl"), recursive=True))
+    for plain in ("", "", "1"):
+        env = dict(os.environ, STEPOPSD_PLAIN_TEXTWORLD=plain, STEPOPSD_TRANSLATIONS=str(tmp_path / "translations"))
         proc = subprocess.run([sys.executable, "-c", PLAY_RANDOM, str(generated_games[0])], env=env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert runs[0]["cached"] == [True, True] and runs[1]["cached"] == [False, False]
+    assert runs[0]["cached"] == runs[1]["cached"] == [True] * 4 and runs[2]["cached"] == [False] * 4
+    assert runs[0]["translations"] == 2 * games and runs[1]["translations"] == 0  # plain + optimised, once
+    assert len(os.listdir(tmp_path / "translations")) == 2 * games
     assert len(runs[0]["seen"]) >= 12 * 13
-    assert runs[0]["seen"] == runs[1]["seen"]
+    assert runs[0]["seen"] == runs[1]["seen"] == runs[2]["seen"]
