@@ -182,3 +182,22 @@ def test_storage_urls_hold_a_study_across_processes(url, tmp_path):
     assert [t.value for t in again.trials] == [0.5]
     with pytest.raises(ValueError, match="sqlite:///"):
         open_storage("study.db")
+
+
+def test_a_resumed_sweep_does_not_draw_the_same_parameters_again(tmp_path):
+    """The sampler is seeded (reproducible), so a resumed sweep offsets its seed by the trials already in the study:
+    otherwise TPE's random start-up would hand the next trial the first trial's parameters again."""
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.stepopsd_optuna.optuna_sweeper import OptunaSweeper
+
+    space = {"a": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    sweeper = OptunaSweeper(sampler=OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 0}),
+                            storage=f"sqlite:///{tmp_path}/s.db", study_name="resume")
+    first = sweeper._study(space).ask(space)
+    sweeper._study(space).tell(first.number, 0.5)
+    again = sweeper._study(space).ask(space)  # as a second run of the same command would
+    assert again.params != first.params
+    fresh = OptunaSweeper(sampler=OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 0}),
+                          storage=f"sqlite:///{tmp_path}/t.db", study_name="resume")
+    assert fresh._study(space).ask(space).params == first.params  # same seed, same first draw: reproducible

@@ -159,13 +159,20 @@ class OptunaSweeper(Sweeper):
 
     def _study(self, space: dict) -> optuna.Study:
         grid = {k: d.choices for k, d in space.items()} if self._is_grid() else {}
-        sampler = self._build("sampler", self.sampler_cfg, **({"search_space": grid} if grid else {}))
+        extra = {"search_space": grid} if grid else {}
         try:
-            study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage),
-                                        sampler=sampler, pruner=self._build("pruner", self.pruner_cfg),
-                                        direction=self.direction, load_if_exists=True)
+            storage = open_storage(self.storage)
+            existing = (len(optuna.load_study(study_name=self.study_name, storage=storage).trials)
+                        if self.study_name in optuna.get_all_study_names(storage) else 0)
         except Exception as e:  # a bad URL, an unreachable database, a driver not installed
             raise SweepError(f"hydra.sweeper.storage={self.storage}: {str(e).splitlines()[0]}") from None
+        if existing and self.sampler_cfg and self.sampler_cfg.get("seed") is not None:
+            # a resumed sweep: a sampler seeded as before would draw its first trials' parameters again
+            extra["seed"] = int(self.sampler_cfg.seed) + existing
+        sampler = self._build("sampler", self.sampler_cfg, **extra)
+        study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                    pruner=self._build("pruner", self.pruner_cfg), direction=self.direction,
+                                    load_if_exists=True)
         if study.direction.name.lower() != self.direction:
             raise SweepError(f"study {self.study_name!r} in {self.storage} was created to {study.direction.name.lower()}; "
                              f"hydra.sweeper.direction={self.direction} needs another study_name")
