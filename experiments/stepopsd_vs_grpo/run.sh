@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The StepOPSD-vs-GRPO study at equal budget on GENERATED games (machine=cpu: same steps, tasks, group and
+# validation in every arm; seeds paired across arms). Three arms: grpo, stepopsd, stepopsd with the per-step
+# budget off (budget_clip=null, spec §10). Usage: experiments/stepopsd_vs_grpo/run.sh [TASK ...] (default: heat pick_two)
+# Seeds: SEEDS=0,1,2 (default). Runs go to outputs/study/<task>/{arms,budget_off}/<job>/; then
+#   python experiments/stepopsd_vs_grpo/summarise.py 'outputs/study/heat/*/*' --out experiments/stepopsd_vs_grpo/heat
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+seeds=${SEEDS:-0,1,2}
+for task in "${@:-heat pick_two}"; do
+  for t in $task; do
+    python train.py -m experiment=alfworld_$t machine=cpu algorithm=grpo,stepopsd seed=$seeds \
+        hydra.sweep.dir=outputs/study/$t/arms
+    python train.py -m experiment=alfworld_$t machine=cpu algorithm=stepopsd algorithm.stepopsd.budget_clip=null \
+        seed=$seeds hydra.sweep.dir=outputs/study/$t/budget_off
+  done
+done
