@@ -87,7 +87,7 @@ class OptunaSweeper(Sweeper):
         self.storage, self.study_name, self.max_failure_rate = storage, study_name, max_failure_rate
 
     def setup(self, *, hydra_context, task_function, config) -> None:
-        self.config, self.hydra_context = config, hydra_context
+        self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context, task_function=task_function,
                                                                 config=config)
 
