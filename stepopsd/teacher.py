@@ -13,7 +13,7 @@ import copy
 import torch
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig, shape_advantages, sign_agreement, step_scores, token_gap
-from stepopsd.data.batch import RolloutBatch
+from stepopsd.data.batch import RolloutBatch, micro_batches
 from stepopsd.hindsight import alfworld_peer_lines, hindsight_blocks, teacher_inputs
 from stepopsd.policy.logprobs import left_align, tail_logprobs
 
@@ -71,12 +71,15 @@ def copy_full_weights(state: dict, model: torch.nn.Module) -> None:
 def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], tokenizer, *, pad_id: int,
                             temperature: float = 1.0, micro_batch: int = 16) -> torch.Tensor:
     """log π_T(target token | c^T, earlier target tokens) in batch coordinates [N, L] (0 off-target),
-    on the batch's device. The teacher contexts are assembled on the host, scored on the teacher's device."""
+    on the batch's device. The teacher contexts are assembled on the host, scored on the teacher's device,
+    `micro_batch` at a time, grouped by length (`micro_batches`, longest first) so that each pass pads its
+    rows to a similar width: the contexts differ by hundreds of tokens (a failed row's block holds a
+    successful peer's steps), and in batch order every pass was padded to about the longest context."""
     ti = teacher_inputs(batch.step_ids.cpu(), batch.input_ids.cpu(), batch.row_traj.cpu(), blocks, tokenizer, pad_id=pad_id)
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
     device = next(model.parameters()).device
-    for i in range(0, len(ti.rows), micro_batch):
-        sl = slice(i, i + micro_batch)
+    parts = micro_batches(torch.arange(len(ti.rows)), ti.attention_mask.sum(1), rows=micro_batch) if len(ti.rows) else []
+    for sl in parts:
         mask = ti.attention_mask[sl]
         width = int(mask.sum(1).max())
         tpos, bpos = ti.target_pos[sl], ti.batch_pos[sl]
