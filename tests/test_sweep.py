@@ -201,3 +201,20 @@ def test_a_resumed_sweep_does_not_draw_the_same_parameters_again(tmp_path):
     fresh = OptunaSweeper(sampler=OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 0}),
                           storage=f"sqlite:///{tmp_path}/t.db", study_name="resume")
     assert fresh._study(space).ask(space).params == first.params  # same seed, same first draw: reproducible
+
+
+def test_the_objective_is_the_mean_of_the_named_metrics_last_k_validations():
+    from stepopsd.sweep import check_metric, metric_name, objective
+
+    records = [(0, {"val_generated/valid_seen/success": 0.25}), (10, {"val_generated/valid_seen/success": 0.5,
+                                                                       "val_generated/valid_seen/success_heat": 1.0}),
+               (20, {"val_generated/valid_seen/success": 0.75})]
+    name = metric_name(None, "val_generated", ["valid_seen"], "success")
+    assert name == "val_generated/valid_seen/success"
+    assert objective(records, name, 1) == 0.75
+    assert objective(records, name, 2) == pytest.approx((0.5 + 0.75) / 2)
+    assert objective(records, name, 9) == pytest.approx(0.5)  # fewer validations than K: all of them
+    assert objective(records, "val_generated/valid_seen/success_heat", 3) == 1.0  # logged once
+    assert metric_name("valid_seen/success_heat", "val", ["valid_seen"], "success") == "val/valid_seen/success_heat"
+    assert check_metric("val/valid_unseen/success", "val", ["valid_seen", "valid_unseen"], "success", ["heat"]) is None
+    assert "logs val/..." in check_metric("val_generated/valid_seen/success", "val", ["valid_seen"], "success", ["heat"])

@@ -61,7 +61,6 @@ class RolloutValidation(L.Callback):
                                        sampling=dataclasses.replace(rollout_cfg.sampling, temperature=temperature))
         self.every, self.seed = every, seed
         self.metric = metric  # "success" (ALFWorld) or "em" (Search-QA: success = exact match = 1)
-        self.label = "+".join(sorted({t.data_label for t in self.tasks}))
         self.histories: dict[str, list[tuple[int, float]]] = {name: [] for name in self.splits}
         self.records: list[tuple[int, dict[str, float]]] = []
         self.report = report
