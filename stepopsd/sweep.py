@@ -13,6 +13,7 @@ import os
 
 import optuna
 
+
 def open_storage(url: str):
     """An Optuna storage from a URL: `sqlite:///path.db` (parent folder created), `journal:///path.log`
     (a JournalStorage on a file: several processes / nodes on a shared filesystem), or another database URL

@@ -259,7 +259,7 @@ class OptunaSweeper(Sweeper):
 
     def _set_attrs(self, trial, results, values, dirs, error=None) -> None:
         trial.set_user_attr("seeds", [seed for seed, _ in results])
-        trial.set_user_attr("seed_values", values[:len(results)] + [None] * (len(results) - len(values)))
+        trial.set_user_attr("seed_values", values + [None] * (len(results) - len(values)))  # None: not run or failed
         trial.set_user_attr("job_dirs", [os.path.abspath(d) if d else "" for d in dirs])
         if error is not None:
             trial.set_user_attr("error", error)
