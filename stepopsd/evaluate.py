@@ -16,11 +16,10 @@ from collections import defaultdict
 
 from omegaconf import DictConfig
 
-from stepopsd.policy.backends.hf import HFBackend
 from stepopsd.policy.loading import load_policy
 from stepopsd.rollout import rollout
-from stepopsd.train import (ConfigError, build_policy, check_config, check_splits, env_factory, load_split, prepare_data,
-                            retrieval_service)
+from stepopsd.train import (ConfigError, backend_factory, build_policy, check_config, check_splits, env_factory,
+                            load_split, prepare_data, retrieval_service)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -37,7 +36,7 @@ def evaluate(cfg: DictConfig) -> dict:
     policy, tokenizer = load_policy(e.policy, dtype=cfg.model.dtype) if e.policy else build_policy(cfg, data, tasks)
     sampling = dataclasses.replace(rollout_cfg.sampling, temperature=cfg.rollout.val_temperature)
     run_cfg = dataclasses.replace(rollout_cfg, group_size=e.samples, sampling=sampling)
-    backend = HFBackend(policy, tokenizer, batch_size=cfg.rollout.generate_batch_size)
+    backend = backend_factory(cfg)(policy, tokenizer)
     with retrieval_service(cfg, data) as url, env_factory(cfg, url)() as env:
         trajectories, stats = rollout(env, backend, tokenizer, tasks, run_cfg, seed=cfg.seed)
     won, seen = defaultdict(int), defaultdict(int)

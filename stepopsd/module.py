@@ -7,8 +7,11 @@ the gradient does not depend on the split; under DDP only the last micro-batch a
 micro-batch: a forward pass, the clipped surrogate with the advantages in the batch (plain GRPO, or
 StepOPSD's after the TeacherRescoring callback reshaped them), k3 KL to a frozen reference, an entropy
 bonus and a backward pass; per mini-batch: gradient clipping and an optimizer step. Before the first update the trainer's log-probs must equal
-the rollout's (the policy has not moved): their gap is logged every step and a gap past
-`logp_gap_threshold` stops the run (weights not synced, tokenisation drift).
+the rollout's (the policy has not moved): their gap is logged every step (`rollout/logp_gap_mean`, `_max`) and a
+mean gap past `logp_gap_threshold` stops the run (weights not synced, tokenisation drift). With
+`rollout_is_cap` (truncated importance sampling, for an engine such as vLLM whose log-probs drift slightly) the
+trainer's pi_old is recomputed over the whole batch first: Eq. 13's ratio is taken against it and each token's
+loss is weighted by min(pi_old / pi_rollout, cap).
 
 Under trainer=fsdp (ModelParallelStrategy) `configure_model` shards the policy with FSDP2: every micro-batch
 reduce-scatters, all ranks run as many micro-batches, and rollouts run inside `full_weights()`
@@ -19,16 +22,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import lightning as L
 import torch
 import torch.utils.checkpoint
 
 from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm, entropy_from_logits, kl_k3,
-                                     policy_loss, ppo_stats)
+                                     policy_loss, ppo_stats, truncated_is_weights)
 from stepopsd.data.batch import RolloutBatch, micro_batches
-from stepopsd.policy.logprobs import left_align, tail_logits, tail_logprobs, tail_width, token_logprobs
+from stepopsd.policy.logprobs import (left_align, right_align, tail_logits, tail_logprobs, tail_width,
+                                      token_logprobs)
 from stepopsd.policy.sharding import ShardingConfig, full_state_dict, gathered, is_sharded, shard_policy
 
 
@@ -49,6 +53,7 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     temperature: float = 1.0  # the rollout's sampling temperature: log-probs are taken at the same scale
     logp_gap_threshold: float = 0.05  # max |trainer - rollout| log-prob (mean over tokens) before the first update
+    rollout_is_cap: float = 0.0  # truncated importance sampling rollout -> trainer (0 = off; e.g. 2.0 with vLLM)
 
     def __post_init__(self):
         if self.lr <= 0 or self.epochs < 1 or self.mini_batch_rows < 1 or self.warmup_steps < 0:
@@ -63,6 +68,8 @@ class PPOConfig:
             raise ValueError(f"ppo.agg={self.agg!r}: choose one of {', '.join(AGGREGATIONS)}")
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.max_grad_norm <= 0 or self.temperature <= 0:
             raise ValueError("ppo: kl_coef and entropy_coef must be >= 0, max_grad_norm and temperature > 0")
+        if self.rollout_is_cap != 0 and not self.rollout_is_cap >= 1:
+            raise ValueError(f"ppo.rollout_is_cap={self.rollout_is_cap}: use 0 (off) or a cap >= 1 (2.0 is usual)")
 
 
 class GRPOModule(L.LightningModule):
@@ -136,8 +143,11 @@ class GRPOModule(L.LightningModule):
         norm = norm or aggregation_norm(mask, ppo.agg)
         logits = tail_logits(self.policy, rows["input_ids"], rows["attention_mask"], keep)
         logp, token_entropy = logp_and_entropy(logits, rows["input_ids"][:, -keep:], ppo.temperature)
-        pg = policy_loss(logp, tail["rollout_logp"], tail["advantages"], mask,
-                         clip_low=ppo.clip_low, clip_high=ppo.clip_high, agg=ppo.agg, norm=norm)
+        old, weights = tail["rollout_logp"], None
+        if "trainer_logp" in tail:  # rollout_is_cap: PPO against the trainer's pi_old, TIS for the engine's drift
+            old, weights = tail["trainer_logp"], truncated_is_weights(tail["trainer_logp"], old, ppo.rollout_is_cap)
+        pg = policy_loss(logp, old, tail["advantages"], mask, clip_low=ppo.clip_low, clip_high=ppo.clip_high,
+                         agg=ppo.agg, norm=norm, weights=weights)
         entropy = aggregate(token_entropy, mask, ppo.agg, norm=norm)
         del logits
         # entropy is a diagnostic when c_ent = 0: kept out of the loss, so backward skips its softmax
@@ -165,7 +175,7 @@ class GRPOModule(L.LightningModule):
         parts = micro_batches(index, lengths, rows=ppo.micro_batch_rows or ppo.mini_batch_rows,
                               tokens=ppo.micro_batch_tokens)
         sums: dict[str, torch.Tensor] = {}
-        flat: dict[str, list[torch.Tensor]] = {"logp": [], "rollout_logp": [], "advantages": []}
+        flat: dict[str, list[torch.Tensor]] = {"logp": [], "old_logp": [], "rollout_logp": [], "advantages": []}
         real = len(parts)
         parts = parts + parts[:1] * self._micro_batch_padding(real)
         for j, micro in enumerate(parts):
@@ -186,6 +196,7 @@ class GRPOModule(L.LightningModule):
             flat["logp"].append(out["logp"][keep])
             for k in ("rollout_logp", "advantages"):
                 flat[k].append(out["tail"][k][keep])
+            flat["old_logp"].append(out["tail"].get("trainer_logp", out["tail"]["rollout_logp"])[keep])
         return sums | {k: torch.cat(v) for k, v in flat.items()}
 
     def _grad_sync(self, sync: bool):
@@ -215,16 +226,23 @@ class GRPOModule(L.LightningModule):
         metrics: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(int(self.global_step))
         chunks = self._num_mini_batches(batch.num_rows)
+        if ppo.rollout_is_cap:  # TIS: the trainer's own pi_old over the whole batch, before any update
+            batch = replace(batch, trainer_logp=self.trainer_logprobs(batch))
+            self._check_logp_gap(batch.trainer_logp, batch.rollout_logp, batch.loss_mask, metrics)
+            keep = batch.loss_mask > 0
+            w = truncated_is_weights(batch.trainer_logp[keep], batch.rollout_logp[keep], ppo.rollout_is_cap)
+            _add(metrics, "rollout/is_weight_mean", w.mean().item() if w.numel() else 1.0)
+            _add(metrics, "rollout/is_truncated_fraction", (w >= ppo.rollout_is_cap).double().mean().item() if w.numel() else 0.0)
         for epoch in range(ppo.epochs):
             order = torch.randperm(batch.num_rows, generator=gen)
             for i, idx in enumerate(torch.tensor_split(order, chunks)):
                 weight = 1.0 if len(idx) else 0.0  # an empty share still joins the ranks' all-reduce
                 opt.zero_grad(set_to_none=True)
                 out = self.accumulate(batch, idx if len(idx) else order[:1], weight=weight)
-                logp, old, adv = out["logp"][None], out["rollout_logp"][None], out["advantages"][None]
+                logp, old, adv = out["logp"][None], out["old_logp"][None], out["advantages"][None]
                 ones = torch.ones_like(logp)
-                if epoch == 0 and i == 0:  # no optimizer step yet: the policy is the rollout's
-                    self._check_logp_gap(logp, old, ones, metrics)
+                if epoch == 0 and i == 0 and not ppo.rollout_is_cap:  # no optimizer step yet: the policy is the rollout's
+                    self._check_logp_gap(logp, out["rollout_logp"][None], ones, metrics)
                 if "kl_ref" in out:
                     _add(metrics, "actor/kl_ref", out["kl_ref"].item())
                 grad_norm = self._clip_gradients()
@@ -293,13 +311,45 @@ class GRPOModule(L.LightningModule):
             raise RuntimeError(f"policy weights diverged across ranks (fingerprint spread {diff:.3g})")
 
     def _check_logp_gap(self, logp, rollout_logp, mask, metrics):
-        """The policy has not been updated yet in this step: trainer and rollout log-probs must agree."""
-        gap = ((logp - rollout_logp).abs() * mask).sum() / mask.sum().clamp(min=1)
-        _add(metrics, "actor/rollout_logp_gap", gap.item())
+        """The policy has not been updated yet in this step: trainer and rollout log-probs must agree. Logs the
+        mean and the largest per-token gap; a mean past `logp_gap_threshold` stops the run."""
+        diff = (logp - rollout_logp).abs() * mask
+        gap = diff.sum() / mask.sum().clamp(min=1)
+        _add(metrics, "rollout/logp_gap_mean", gap.item())
+        _add(metrics, "rollout/logp_gap_max", diff.max().item() if diff.numel() else 0.0)
         if gap.item() > self.ppo.logp_gap_threshold:
-            raise RuntimeError(f"trainer and rollout log-probs differ by {gap.item():.4f} per token (threshold "
-                               f"{self.ppo.logp_gap_threshold}): rollout weights not synced or tokenisation drift; "
+            raise LogpGapError(f"trainer and rollout log-probs differ by {gap.item():.4f} per token (threshold "
+                               f"{self.ppo.logp_gap_threshold}): the rollout engine's weights were not synced after "
+                               "the last update, or it samples at another temperature, or the tokenisation drifted; "
                                "raise ppo.logp_gap_threshold only if you know why")
+
+    @torch.no_grad()
+    def trainer_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """pi_old as the trainer computes it, [N, L] in `batch.rollout_logp`'s layout (0 off the loss mask), in
+        the same micro-batches as the update (LM head on the response window only; under FSDP every rank runs
+        as many forward passes)."""
+        ppo = self.ppo
+        out = torch.zeros_like(batch.rollout_logp)
+        parts = micro_batches(torch.arange(batch.num_rows), batch.attention_mask.sum(1),
+                              rows=ppo.micro_batch_rows or ppo.mini_batch_rows, tokens=ppo.micro_batch_tokens)
+        real = len(parts)
+        for j, micro in enumerate(parts + parts[:1] * self._micro_batch_padding(real)):
+            rows = {k: v.to(self.device) for k, v in batch.rows(micro).items()}
+            aligned = left_align(rows, rows["attention_mask"])
+            keep = tail_width(aligned["loss_mask"])
+            logp, _ = tail_logprobs(self.policy, aligned["input_ids"], aligned["attention_mask"], keep,
+                                    temperature=ppo.temperature)
+            if j >= real:
+                continue
+            full = torch.zeros_like(aligned["rollout_logp"])
+            full[:, -keep:] = logp.to(full.dtype)
+            back = right_align(full, rows["attention_mask"]) * rows["loss_mask"]
+            out[micro, :back.shape[1]] = back.to(out.device, out.dtype)
+        return out
+
+
+class LogpGapError(RuntimeError):
+    """The rollout engine's log-probs are not the trainer's (a stale engine, another temperature, drift)."""
 
 
 def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

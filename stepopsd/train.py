@@ -31,6 +31,7 @@ from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, wo
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
+from stepopsd.policy.backends.vllm import VLLMBackend, VLLMConfig, import_vllm
 from stepopsd.policy.loading import DTYPES, TASK_VOCAB, load_policy, load_tokenizer, random_policy, task_tokenizer
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
@@ -83,6 +84,10 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
         ppo = PPOConfig(**OmegaConf.to_container(cfg.algorithm.ppo), temperature=r.temperature)
         method = StepOPSDConfig(**OmegaConf.to_container(cfg.algorithm.stepopsd)) if cfg.algorithm.name == "stepopsd" else None
         sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+        if r.backend not in BACKENDS:
+            raise ValueError(f"rollout.backend={r.backend}: choose one of {', '.join(BACKENDS)}")
+        if r.backend == "vllm":
+            vllm_config(cfg)  # the knobs, then whether vLLM imports: before any data or policy is built
         rollout_cfg = RolloutConfig(group_size=cfg.group_size, max_prompt_tokens=r.max_prompt_tokens, sampling=sampling,
                                     chat_template=cfg.model.chat_template,
                                     chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
@@ -90,6 +95,39 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
     return ppo, method, rollout_cfg
+
+
+BACKENDS = ("hf", "vllm")
+
+
+def vllm_config(cfg: DictConfig) -> VLLMConfig:
+    """rollout.vllm as a VLLMConfig (dtype auto: the trainer's compute dtype; max_model_len null: prompt + response),
+    checked with the sampling it must reproduce, then vLLM imported (ImportError -> one line naming the extra)."""
+    r = cfg.rollout
+    v = OmegaConf.to_container(r.vllm)
+    if v["dtype"] == "auto":
+        v["dtype"] = "bfloat16" if str(cfg.trainer.precision).startswith("bf16") else "float32"
+    if v["max_model_len"] is None:
+        v["max_model_len"] = r.max_prompt_tokens + r.max_new_tokens
+    if v["max_model_len"] < r.max_prompt_tokens + r.max_new_tokens:
+        raise ValueError(f"rollout.vllm.max_model_len={v['max_model_len']} < max_prompt_tokens + max_new_tokens "
+                         f"({r.max_prompt_tokens + r.max_new_tokens}): raise it or leave it null")
+    if r.top_p < 1 or r.top_k > 0:
+        raise ValueError(f"rollout.backend=vllm with top_p={r.top_p}, top_k={r.top_k}: vLLM reports the log-probs of the "
+                         "filtered distribution, the trainer scores the unfiltered one; use top_p=1.0, top_k=0")
+    config = VLLMConfig(**v)
+    try:
+        import_vllm()
+    except ImportError as e:
+        raise ValueError(str(e).splitlines()[0]) from None
+    return config
+
+
+def backend_factory(cfg: DictConfig):
+    """backend_factory(policy, tokenizer) -> the configured `GenerationBackend`."""
+    if cfg.rollout.backend == "vllm":
+        return functools.partial(VLLMBackend, config=vllm_config(cfg), seed=cfg.seed)
+    return functools.partial(HFBackend, batch_size=cfg.rollout.generate_batch_size)
 
 
 MIXED = ("bf16-mixed", "32-true", "32", 32)  # trainer precisions that keep fp32 master weights under our manual update
@@ -303,8 +341,7 @@ def check_objective(cfg: DictConfig, val_tasks: dict[str, list[Task]]) -> str:
 
 
 def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label, objective_name) -> float:
-    backend_factory = functools.partial(HFBackend, batch_size=cfg.rollout.generate_batch_size)
-    datamodule = RolloutDataModule(train_tasks, make_env, backend_factory, tokenizer, rollout_cfg,
+    datamodule = RolloutDataModule(train_tasks, make_env, backend_factory(cfg), tokenizer, rollout_cfg,
                                    tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed)
     frozen = DTYPES[cfg.model.get("frozen_dtype", cfg.model.dtype)]
     sharding = ShardingConfig(**OmegaConf.to_container(cfg.trainer.fsdp)) if sharded(cfg.trainer) else None

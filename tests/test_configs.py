@@ -1,5 +1,6 @@
 """Every experiment config composes with every group, holds its protocol, and passes the knob checks."""
 import os
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -81,10 +82,26 @@ def test_paper_protocols():
     ("trainer.precision=bf16-true", "trainer.precision=bf16-true"), ("trainer.precision=16-mixed", "16-mixed"),
     ("model.frozen_dtype=int8", "frozen_dtype"), ("+model.init=random", "model.init=random is for the hub"),
     ("algorithm.ppo.micro_batch_rows=65", "micro_batch_rows=65"), ("algorithm.ppo.micro_batch_tokens=-5", "micro_batch_tokens"),
-    ("algorithm.teacher.micro_batch_rows=0", "teacher.micro_batch_rows")])
+    ("algorithm.teacher.micro_batch_rows=0", "teacher.micro_batch_rows"),
+    ("algorithm.ppo.rollout_is_cap=0.5", "rollout_is_cap=0.5"), ("rollout.backend=sglang", "rollout.backend=sglang")])
 def test_bad_knobs_are_one_line_config_errors(override, words):
     with pytest.raises(ConfigError, match=words) as e:
         check_config(cfg_of("experiment=alfworld_heat", "machine=cpu", override))
+    assert "\n" not in str(e.value)
+
+
+def test_vllm_backend_checks_before_any_work(monkeypatch):
+    """rollout.backend=vllm: filtered sampling is refused (vLLM's log-probs would be of the filtered distribution),
+    and without vLLM installed the error is one line naming the extra."""
+    for override, words in [("rollout.top_p=0.9", "top_p=0.9, top_k=0"), ("rollout.vllm.sleep_level=3", "sleep_level=3"),
+                            ("rollout.vllm.gpu_memory_utilization=1.5", "gpu_memory_utilization"),
+                            ("rollout.vllm.max_model_len=100", "max_model_len=100 <")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            check_config(cfg_of("experiment=alfworld_heat", "machine=cpu", "rollout.backend=vllm", override))
+        assert "\n" not in str(e.value)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where vLLM is not installed
+    with pytest.raises(ConfigError, match=r"needs vLLM: pip install -e '\.\[vllm\]'") as e:
+        check_config(cfg_of("experiment=alfworld_heat", "machine=cpu", "rollout.backend=vllm"))
     assert "\n" not in str(e.value)
 
 

@@ -10,6 +10,7 @@ from stepopsd.algorithms.grpo import (
     group_advantages,
     kl_k3,
     policy_loss,
+    truncated_is_weights,
     ppo_stats,
     uniform_group_fraction,
 )
@@ -120,6 +121,25 @@ def test_ratio_one_gives_minus_mean_advantage():
     adv, mask = torch.tensor(ADV), torch.tensor(MASK)
     # masked A: 1, 2, -1, -1, 0.5 -> mean 0.3 -> loss -0.3
     close(policy_loss(logp, logp.clone(), adv, mask), -0.3)
+
+
+def test_truncated_is_weights_by_hand():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5]])
+    rollout = torch.tensor([[-1.0, -2.5, 0.5]])
+    # exp(0) = 1, exp(0.5) = 1.648721, exp(-1) = 0.367879; cap 1.5 truncates the second
+    close(truncated_is_weights(trainer, rollout, 1.5), [[1.0, 1.5, math.exp(-1.0)]])
+    close(truncated_is_weights(trainer, rollout, 2.0), [[1.0, math.exp(0.5), math.exp(-1.0)]])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        truncated_is_weights(trainer, rollout, 0.5)
+
+
+def test_policy_loss_weights_multiply_each_token():
+    logp, old, adv, mask = batch()
+    w = torch.tensor([[2.0, 0.5, 9.0], [1.0, 0.0, 3.0]])
+    # the per-token terms of test_policy_loss_aggregations: row 0 [-1.2, -2, masked], row 1 [0.8, 0.9, -0.55]
+    # -> weighted (-2.4 - 1 + 0.8 + 0 - 1.65) / 5
+    close(policy_loss(logp, old, adv, mask, weights=w), (-2.4 - 1.0 + 0.8 + 0.0 - 1.65) / 5)
+    close(policy_loss(logp, old, adv, mask, weights=torch.ones(2, 3)), -0.41)
 
 
 def test_aggregate_skips_empty_rows_and_nan_outside_mask():

@@ -224,7 +224,7 @@ def test_train_py_runs_the_paper_path_on_a_shrunken_random_qwen3(generated_games
     assert "[model.init=random] qwen3 with" in proc.stdout
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
     (step,) = [r for r in rows if r.get("actor/pg_loss")]
-    assert float(step["actor/rollout_logp_gap"]) < 0.05 and float(step["actor/grad_norm"]) > 0
+    assert float(step["rollout/logp_gap_mean"]) < 0.05 and float(step["actor/grad_norm"]) > 0
     assert float(step["actor/kl_ref"]) >= 0 and "stepopsd/lambda" in step
     config = (tmp_path / "policy" / "config.json").read_text()
     assert '"num_hidden_layers": 2' in config and '"vocab_size": 151936' in config

@@ -11,6 +11,8 @@ What is implemented:
   The KL term (`kl_k3`) and the entropy term (`entropy_from_logits`) are separate functions; the
   caller adds beta_KL * aggregate(kl) - c_ent * aggregate(H) so each can be logged on its own.
 * `ppo_stats` - the diagnostics a reviewer asks for first (approx-KL, clip fraction, ratios).
+* `truncated_is_weights` - truncated importance sampling between the rollout engine and the trainer
+  (off by default: `ppo.rollout_is_cap`), for an engine whose log-probs drift slightly from the trainer's.
 
 Simplifications: no dual-clip (the c-bound on negative advantages some PPO variants add), no
 clamping inside the k3 estimator, and an all-zero mask aggregates to 0 rather than NaN.
@@ -150,6 +152,7 @@ def policy_loss(
     clip_high: float = 0.2,
     agg: str = "token_mean",
     norm: tuple[float, int] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. 13-14 without the KL and entropy terms; all inputs [B, T], returns a scalar (`norm`: see
     `aggregate`, for a micro-batch of a larger mini-batch).
@@ -157,6 +160,8 @@ def policy_loss(
     Eq. 13: r = exp(logp - old_logp).
     Eq. 14: per-token loss = -min(r*A, clip(r, 1 - clip_low, 1 + clip_high)*A), aggregated by
     `aggregate(.., mask, agg)`. Gradients flow into `logp` only (old_logp and A are detached).
+    `weights` [B, T] (detached) multiply the per-token loss: the truncated importance weights of
+    `truncated_is_weights` when the rollout engine is not the trainer.
     """
     _check_clip(clip_low, clip_high)
     if agg not in AGGREGATIONS:  # checked before any compute so a typo fails fast
@@ -166,7 +171,22 @@ def policy_loss(
     unclipped = -adv * ratio  # [B, T]
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)  # [B, T]
     per_token = torch.maximum(unclipped, clipped)  # -min(rA, clip(r)A), Eq. 14
+    if weights is not None:
+        per_token = per_token * weights.detach()
     return aggregate(per_token, mask, agg, norm=norm)
+
+
+def truncated_is_weights(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS) between the engine that sampled and the trainer: w = min(pi_old /
+    pi_rollout, cap) = min(exp(trainer_logp - rollout_logp), cap) per token, [B, T] -> [B, T], detached.
+
+    The PPO ratio of Eq. 13 is then taken against the trainer's own pi_old (`trainer_logp`, recomputed before
+    the update), and w corrects for the tokens having been sampled from the engine's slightly different
+    pi_rollout (verl's TIS, TRL's vllm_importance_sampling_correction). cap >= 1: an upper truncation only,
+    so the correction's variance stays bounded; w = 1 when both engines agree exactly."""
+    if not cap >= 1.0:
+        raise ValueError(f"rollout_is_cap={cap} must be >= 1 (a cap below 1 would down-weight on-policy tokens)")
+    return torch.exp(trainer_logp.detach().float() - rollout_logp.detach().float()).clamp(max=cap)
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ valid_unseen; Search-QA: test), rolled out together and counted per split and ta
 generated data says so in every metric name's prefix (`val_generated/<split>/...`)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Callable
 
@@ -81,10 +80,10 @@ class RolloutValidation(L.Callback):
         names = list(self.splits)
         types = sorted({t.task_type for t in self.tasks})
         won, seen = torch.zeros(len(names), len(types)), torch.zeros(len(names), len(types))
-        # the trainer's compute precision (bf16-mixed: autocast), as training rollouts; under FSDP the full
-        # weights are gathered by every rank, also one without validation tasks
-        with trainer.precision_plugin.forward_context(), getattr(pl_module, "full_weights", contextlib.nullcontext)():
-            trajectories = rollout(dm.env, dm.backend, dm.tokenizer, mine, self.cfg, seed=self.seed + rank)[0] if mine else []
+        # as training rollouts (`RolloutDataModule.generation`): the trainer's compute precision, the current
+        # weights; under FSDP the full weights are gathered by every rank, also one without validation tasks
+        with dm.generation(trainer) as backend:
+            trajectories = rollout(dm.env, backend, dm.tokenizer, mine, self.cfg, seed=self.seed + rank)[0] if mine else []
         for t in trajectories:  # t.group indexes `mine`
             i, j = names.index(mine_split[t.group]), types.index(t.task.task_type)
             won[i, j] += t.success

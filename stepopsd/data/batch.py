@@ -42,6 +42,7 @@ class RolloutBatch:
     traj_success: torch.Tensor  # [M] bool
     traj_adv: torch.Tensor  # [M] float, A_i (Eq. 1)
     trajectories: tuple[Trajectory, ...]  # the records the hindsight contexts are built from (Eq. 3)
+    trainer_logp: torch.Tensor | None = None  # [N, L] pi_old recomputed by the trainer (ppo.rollout_is_cap only)
 
     @property
     def num_rows(self) -> int:
@@ -55,8 +56,9 @@ class RolloutBatch:
         """The row tensors of a mini-batch, trimmed to its longest row."""
         mask = self.attention_mask[index]
         width = int(mask.sum(1).max()) if len(index) else 0
-        return {name: getattr(self, name)[index][:, :width] for name in
-                ("input_ids", "attention_mask", "loss_mask", "rollout_logp", "advantages", "step_ids")}
+        names = ("input_ids", "attention_mask", "loss_mask", "rollout_logp", "advantages", "step_ids")
+        names += ("trainer_logp",) if self.trainer_logp is not None else ()
+        return {name: getattr(self, name)[index][:, :width] for name in names}
 
 
 def micro_batches(index: torch.Tensor, lengths: torch.Tensor, *, rows: int, tokens: int = 0) -> list[torch.Tensor]:

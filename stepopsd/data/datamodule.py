@@ -45,7 +45,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.tasks_per_step, self.scale_by_std, self.seed = tasks_per_step, scale_by_std, seed
         self.position = 0  # tasks consumed so far (checkpointed: resume continues the same order)
         self.batches = 0
-        self.env = self.backend = None
+        self.env = self.backend = self.policy = None
         self.full_weights = contextlib.nullcontext
         self.last_stats: RolloutStats | None = None
         self.last_metrics: dict = {}
@@ -61,10 +61,28 @@ class RolloutDataModule(L.LightningDataModule):
     def attach(self, policy, full_weights: Callable | None = None) -> None:
         """Point generation at the policy being trained (called by the trainer's fit-start hook). `full_weights`
         (GRPOModule.full_weights) is entered around every rollout: under trainer=fsdp it gathers the shards."""
-        self.backend = self.backend_factory(policy, self.tokenizer)
+        self.policy = policy
         self.full_weights = full_weights or contextlib.nullcontext
+        with self.full_weights():  # vLLM: the engine is built and gets the policy's weights
+            self.backend = self.backend_factory(policy, self.tokenizer)
         if self.env is None:
             self.env = self.env_factory()
+
+    @contextlib.contextmanager
+    def generation(self, trainer=None):
+        """The backend, ready to roll out with the policy's current weights: in the trainer's compute precision
+        (bf16-mixed: autocast over the fp32 weights), under trainer=fsdp inside the gathered full weights, and
+        after `sync_weights` (HF: the module itself; vLLM: the weights pushed into the engine, which the
+        trainer's log-prob check verifies every step). A backend that can sleep (vLLM sleep_level > 0) sleeps
+        afterwards, so the update has the GPU memory."""
+        precision = trainer.precision_plugin.forward_context() if trainer else contextlib.nullcontext()
+        with precision, self.full_weights():
+            self.backend.sync_weights(self.policy)
+            try:
+                yield self.backend
+            finally:
+                if hasattr(self.backend, "sleep"):
+                    self.backend.sleep()
 
     def _rank_tasks(self, count: int) -> list[Task]:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -84,10 +102,8 @@ class RolloutDataModule(L.LightningDataModule):
         tasks = self._rank_tasks(self.tasks_per_step)
         t0 = time.perf_counter()
         rank = self.trainer.global_rank if self.trainer else 0
-        with self.trainer.precision_plugin.forward_context() if self.trainer else contextlib.nullcontext(), self.full_weights():
-            # generation in the trainer's compute precision (bf16-mixed: autocast over the fp32 weights; under
-            # trainer=fsdp over the gathered weights, bf16 as in the training forward)
-            trajectories, stats = rollout(self.env, self.backend, self.tokenizer, tasks, self.rollout_cfg,
+        with self.generation(self.trainer) as backend:
+            trajectories, stats = rollout(self.env, backend, self.tokenizer, tasks, self.rollout_cfg,
                                           seed=self.seed + 100_003 * self.batches + rank)
         batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
         seconds = time.perf_counter() - t0
@@ -107,3 +123,6 @@ class RolloutDataModule(L.LightningDataModule):
         if self.env is not None:
             self.env.close()
             self.env = None
+        if hasattr(self.backend, "close"):  # vLLM: the engine's memory goes back
+            self.backend.close()
+            self.backend = None

@@ -5,5 +5,5 @@
 - `loading.load_policy`: any causal LM from a hub id or a local folder
 - `logprobs.sequence_logprobs`: per-token log-probs of whole rows (the reference definition);
   `logprobs.tail_logprobs` on left-aligned rows: the same for the response window only (trainer, teacher)
-- `backends`: `GenerationBackend` (interface), `HFBackend` (transformers' generate)
+- `backends`: `GenerationBackend` (interface), `HFBackend` (transformers' generate), `VLLMBackend` (vLLM in process)
 """

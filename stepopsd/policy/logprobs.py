@@ -67,6 +67,14 @@ def left_align(tensors: dict[str, torch.Tensor], attention_mask: torch.Tensor) -
     return {name: t.gather(1, index) for name, t in tensors.items()}
 
 
+def right_align(tensor: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of `left_align` for one [B, W] tensor: `attention_mask` is the RIGHT-padded rows' mask."""
+    width = attention_mask.shape[1]
+    shift = width - attention_mask.long().sum(1, keepdim=True)
+    index = (torch.arange(width, device=attention_mask.device)[None, :] + shift) % width
+    return tensor.gather(1, index)
+
+
 def tail_width(loss_mask: torch.Tensor) -> int:
     """Columns from the first loss token of any row to the end of a left-aligned [B, W] batch (>= 1)."""
     width = loss_mask.shape[1]

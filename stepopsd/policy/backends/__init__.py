@@ -1,4 +1,5 @@
-"""Generation backends: the interface (`base`) and the `transformers` implementation (`hf`)."""
+"""Generation backends: the interface (`base`), the `transformers` implementation (`hf`) and vLLM (`vllm`, imported
+only when rollout.backend=vllm: vLLM is an optional dependency)."""
 from stepopsd.policy.backends.base import Generation, GenerationBackend, SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
 

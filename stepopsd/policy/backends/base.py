@@ -1,4 +1,4 @@
-"""The generation-backend interface the rollout loop talks to (HF now, vLLM later).
+"""The generation-backend interface the rollout loop talks to (`hf`, `vllm`).
 
 A backend turns prompt token-id lists into sampled continuations with, for every sampled token,
 its log-probability log_softmax(raw_logits / temperature)[token] under the policy the backend
@@ -53,6 +53,21 @@ class Generation:
             raise ValueError(f"{len(self.token_ids)} tokens but {len(self.logprobs)} log-probs")
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"finish_reason={self.finish_reason!r}: choose one of {', '.join(FINISH_REASONS)}")
+
+
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """The ids that end a continuation: the tokenizer's eos plus the model's generation_config eos ids (a hub chat
+    model may list several); ValueError when there are none."""
+    def ids(value) -> set[int]:
+        if value is None:
+            return set()
+        return {int(v) for v in value} if isinstance(value, (list, tuple)) else {int(value)}
+
+    gen_cfg = getattr(model, "generation_config", None)
+    stops = sorted(ids(tokenizer.eos_token_id) | ids(getattr(gen_cfg, "eos_token_id", None)))
+    if not stops:
+        raise ValueError("the tokenizer has no eos token and the model names no eos_token_id: nothing can end a turn")
+    return stops
 
 
 class GenerationBackend(Protocol):

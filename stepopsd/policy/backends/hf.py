@@ -35,13 +35,7 @@ from typing import Sequence
 import torch
 from transformers import GenerationConfig
 
-from stepopsd.policy.backends.base import Generation, SamplingParams
-
-
-def _as_ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+from stepopsd.policy.backends.base import Generation, SamplingParams, stop_token_ids
 
 
 class HFBackend:
@@ -53,10 +47,7 @@ class HFBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        gen_cfg = getattr(model, "generation_config", None)
-        self.stop_ids = sorted(set(_as_ids(tokenizer.eos_token_id)) | set(_as_ids(getattr(gen_cfg, "eos_token_id", None))))
-        if not self.stop_ids:
-            raise ValueError("HFBackend: the tokenizer has no eos token and the model names no eos_token_id")
+        self.stop_ids = stop_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
 
     def sync_weights(self, model) -> None:

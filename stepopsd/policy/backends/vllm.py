@@ -1,0 +1,182 @@
+"""Generation with vLLM: an in-process `vllm.LLM` colocated with the trainer (`rollout.backend=vllm`).
+
+Implements `GenerationBackend` with the HF backend's contract (`base`):
+* log-probs: the engine runs with `logprobs_mode="processed_logprobs"` and `logprobs=0`, so each sampled token
+  comes with log_softmax(logits / T)[token] (greedy: T = 1, vLLM applies no temperature then), the value the
+  trainer recomputes with `sequence_logprobs(..., temperature=T)`. vLLM's processed log-probs are taken after
+  top-k / top-p filtering, which the contract leaves out, so this backend refuses top_p < 1 and top_k > 0
+  rather than report log-probs the trainer cannot reproduce.
+* stop: the tokenizer's and the model's eos ids (`stop_token_ids`, included in the output like HF's);
+  finish reasons "stop" / "length".
+* seeds: request i of a call with `seed` samples from its own generator seeded (seed, i), so a call is
+  deterministic for a seed whatever the engine's batching.
+* every prompt of a call goes to one `generate` (all live environments at once); prefix caching is on, so
+  multi-turn prompts that share a history reuse its KV cache.
+
+Weights: the engine is built from the policy's config alone (`load_format="dummy"`: no checkpoint on disk,
+random weights) and `sync_weights(model)` pushes the trainer's current weights into the engine's model
+(the worker's in-place `reload_weights` fed with the trainer's tensors, in process: no copy through a pipe; it
+restores the kernel layouts the engine repacked after loading) and resets the prefix cache, whose entries were
+computed with the old weights. The rollout loop calls it before every rollout and validation, and the
+trainer's log-prob check (`GRPOModule._check_logp_gap`, `rollout/logp_gap_mean`) proves each step that the
+push happened: a stale engine stops the run with one line.
+
+GPU memory: `sleep_level` 1 or 2 puts the engine to sleep after each rollout (level 1 frees the KV cache
+and offloads the weights to CPU memory, level 2 drops them) and wakes it before the next; the weights are
+pushed again after every wake (vLLM's own `reload_weights` would read the original checkpoint from disk,
+vllm#29341). Sleep mode exists on CUDA / ROCm / XPU only.
+
+Under torchrun every rank owns one engine (`distributed_executor_backend="external_launcher"`, tensor
+parallel 1). vLLM must run in process: `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set before it is imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from stepopsd.policy.backends.base import Generation, SamplingParams, stop_token_ids
+
+SKIP_SYNC_VAR = "STEPOPSD_TEST_SKIP_WEIGHT_SYNC"  # tests only: "1" skips every push after the first
+INSTALL_HINT = ("rollout.backend=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, or the CPU build "
+                "(README, 'vLLM rollouts')")
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    gpu_memory_utilization: float = 0.5  # the share of GPU memory the engine may take (weights + KV cache)
+    max_model_len: int = 4096  # prompt + response tokens per sequence
+    dtype: str = "float32"  # the engine's compute dtype: the trainer's (float32 for 32-true, bfloat16 for bf16-mixed)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True  # no CUDA graphs / torch.compile: faster start, weights swapped freely
+    max_num_seqs: int = 256  # sequences decoded together
+    sleep_level: int = 0  # 0 = awake always; 1 = free KV cache, offload weights during the update; 2 = drop both
+    kv_cache_gb: float = 1.0  # CPU build only: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization}: use a share in (0, 1]")
+        if self.max_model_len < 2 or self.max_num_seqs < 1 or self.kv_cache_gb <= 0:
+            raise ValueError("rollout.vllm: max_model_len >= 2, max_num_seqs >= 1 and kv_cache_gb > 0")
+        if self.sleep_level not in (0, 1, 2):
+            raise ValueError(f"rollout.vllm.sleep_level={self.sleep_level}: use 0 (off), 1 or 2")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout.vllm.dtype={self.dtype}: use float32, bfloat16 or float16")
+
+
+def import_vllm():
+    """vLLM's `LLM`, `SamplingParams` and `TokensPrompt`, imported in process; ImportError with the install hint."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        from vllm import LLM, SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError as e:
+        raise ImportError(f"{INSTALL_HINT} ({e})") from None
+    return LLM, VLLMSamplingParams, TokensPrompt
+
+
+def request_seed(seed: int, index: int) -> int:
+    """The seed of request `index` of a call seeded `seed` (a 63-bit mix, distinct per request)."""
+    return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
+
+
+class VLLMBackend:
+    """An in-process vLLM engine behind the `GenerationBackend` interface; `sync_weights` after every update."""
+
+    def __init__(self, model, tokenizer, *, config: VLLMConfig | None = None, seed: int = 0):
+        self.config = config or VLLMConfig()
+        LLM, self._params_cls, self._prompt_cls = import_vllm()
+        from vllm.platforms import current_platform
+
+        cfg = self.config
+        if cfg.sleep_level and not current_platform.is_sleep_mode_available():
+            raise ValueError(f"rollout.vllm.sleep_level={cfg.sleep_level}: vLLM's sleep mode needs a CUDA, ROCm or "
+                             "XPU device; use sleep_level=0 here")
+        self.stop_ids = stop_token_ids(tokenizer, model)
+        if current_platform.is_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gb))))
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        self._config_dir = tempfile.TemporaryDirectory(prefix="stepopsd-vllm-")
+        arch = model.config.to_dict()  # the architecture only: weights come from sync_weights
+        arch["architectures"] = arch.get("architectures") or [type(model).__name__]
+        with open(os.path.join(self._config_dir.name, "config.json"), "w") as f:
+            json.dump(arch, f)
+        self.llm = LLM(
+            model=self._config_dir.name, runner="generate", load_format="dummy", skip_tokenizer_init=True, dtype=cfg.dtype,
+            seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+            max_num_seqs=cfg.max_num_seqs, logprobs_mode="processed_logprobs", enable_sleep_mode=bool(cfg.sleep_level),
+            generation_config="vllm",  # no sampling defaults from a config file: only SamplingParams apply
+            **({"distributed_executor_backend": "external_launcher"} if distributed else {}),
+        )
+        self.asleep = False
+        self.pushes = 0  # weight pushes so far (a diagnostic)
+        self.sync_weights(model)
+
+    # -- weights --------------------------------------------------------------------------------
+    def sync_weights(self, model) -> None:
+        """Push `model`'s current weights into the engine and reset the prefix cache (waking the engine first
+        if it sleeps). `model` holds full weights: under trainer=fsdp the caller gathers them around rollouts."""
+        self.wake()
+        if self.pushes and os.environ.get(SKIP_SYNC_VAR) == "1":
+            return  # fault injection for the tests only: the engine keeps stale weights
+        weights = [(name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach())  # FSDP2: DTensors
+                   for name, t in model.state_dict().items()]
+        # the worker's in-place reload from an iterator of checkpoint-format tensors: it undoes the kernel
+        # repacking done after the first load (the CPU build's linear layers), loads, and repacks
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self.pushes += 1
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for the update (sleep_level 1 or 2); a no-op when sleep is off."""
+        if self.config.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.config.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None
+    ) -> list[Generation]:
+        if params.top_p < 1 or params.top_k > 0:
+            raise ValueError(f"rollout.backend=vllm with top_p={params.top_p}, top_k={params.top_k}: vLLM reports the "
+                             "log-probs of the filtered distribution, the trainer scores the unfiltered one; use "
+                             "top_p=1.0 and top_k=0 with vLLM")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
+            if len(p) + params.max_new_tokens > self.config.max_model_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens + max_new_tokens {params.max_new_tokens} > "
+                                 f"rollout.vllm.max_model_len={self.config.max_model_len}: raise it")
+        self.wake()
+        sampling = [self._params_cls(
+            n=1, temperature=params.temperature, top_p=1.0, top_k=0, max_tokens=params.max_new_tokens, logprobs=0,
+            seed=None if seed is None else request_seed(seed, i), stop_token_ids=self.stop_ids, detokenize=False,
+        ) for i in range(len(prompts))]
+        outputs = self.llm.generate([self._prompt_cls(prompt_token_ids=list(p)) for p in prompts], sampling,
+                                    use_tqdm=False)
+        return [self._generation(out.outputs[0]) for out in outputs]
+
+    def _generation(self, completion) -> Generation:
+        ids = tuple(int(t) for t in completion.token_ids)
+        if completion.logprobs is None or len(completion.logprobs) != len(ids):
+            raise RuntimeError("vLLM returned no log-prob for some sampled tokens")
+        logprobs = tuple(float(step[t].logprob) for step, t in zip(completion.logprobs, ids))
+        reason = completion.finish_reason
+        if reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM finished a request with {reason!r} (expected stop or length)")
+        return Generation(token_ids=ids, logprobs=logprobs, finish_reason=reason)
+
+    def close(self) -> None:
+        self.llm = None
+        self._config_dir.cleanup()
