@@ -73,7 +73,9 @@ def tok():
 
 
 def fake_trainer(tok):
-    dm = SimpleNamespace(env=WinByTaskEnv(), backend=Backend(tok.eos_token_id), tokenizer=tok)
+    backend = Backend(tok.eos_token_id)
+    dm = SimpleNamespace(env=WinByTaskEnv(), backend=backend, tokenizer=tok,
+                         generation=lambda trainer: contextlib.nullcontext(backend))  # RolloutDataModule.generation
     strategy = SimpleNamespace(reduce=lambda t, reduce_op: t)
     precision = SimpleNamespace(forward_context=contextlib.nullcontext)  # 32-true: no autocast
     return SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, strategy=strategy, logger=Logger(),
