@@ -26,7 +26,7 @@ from alfworld_text import ADMISSIBLE, GOAL, OBS  # noqa: E402
 from test_train_e2e import run_train, tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.vllm
-CONFIG = VLLMConfig(max_model_len=512, max_num_seqs=32, dtype="float32")
+CONFIG = VLLMConfig(max_model_len=512, max_num_seqs=128, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,15 @@ def test_generation_contract_logprobs_and_determinism(engine, policy, prompts, t
     # a request's sample does not depend on what else is in the call
     assert engine.generate(prompts[:2], params, seed=3) == gens[:2]
     assert request_seed(3, 0) != request_seed(3, 1) != request_seed(4, 0)
+
+
+def test_a_call_larger_than_one_default_scheduler_step(engine, policy, prompts):
+    """More prompt tokens in one call than vLLM's default step budget (4096): on the CPU build a seeded request
+    whose prefill is split over steps crashed the engine, so the backend sizes the step to take them whole."""
+    many = [p * 2 for p in prompts] * 10  # 70 prompts of ~200 tokens: more than 4096 in the first step
+    assert sum(map(len, many)) > 4096 and max(map(len, many)) + 4 <= CONFIG.max_model_len
+    gens = engine.generate(many, SamplingParams(max_new_tokens=4, temperature=1.0), seed=11)
+    assert len(gens) == len(many) and gap(policy, many, gens, 1.0) < 1e-4
 
 
 def test_greedy_matches_hf_and_reports_t1_logprobs(engine, policy, prompts, tok):

@@ -99,6 +99,11 @@ class VLLMBackend:
         self.stop_ids = stop_token_ids(tokenizer, model)
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gb))))
+        extra = {}
+        if current_platform.is_cpu():
+            # one scheduler step takes every prompt whole: the CPU build crashes when a seeded request's prefill is
+            # split over steps (it rewinds the request's generator, which CPU generators cannot do)
+            extra["max_num_batched_tokens"] = cfg.max_num_seqs * cfg.max_model_len
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
         self._config_dir = tempfile.TemporaryDirectory(prefix="stepopsd-vllm-")
@@ -112,7 +117,7 @@ class VLLMBackend:
             enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
             max_num_seqs=cfg.max_num_seqs, logprobs_mode="processed_logprobs", enable_sleep_mode=bool(cfg.sleep_level),
             generation_config="vllm",  # no sampling defaults from a config file: only SamplingParams apply
-            **({"distributed_executor_backend": "external_launcher"} if distributed else {}),
+            **extra, **({"distributed_executor_backend": "external_launcher"} if distributed else {}),
         )
         self.asleep = False
         self.pushes = 0  # weight pushes so far (a diagnostic)
