@@ -231,8 +231,9 @@ class GRPOModule(L.LightningModule):
             self._check_logp_gap(batch.trainer_logp, batch.rollout_logp, batch.loss_mask, metrics)
             keep = batch.loss_mask > 0
             w = truncated_is_weights(batch.trainer_logp[keep], batch.rollout_logp[keep], ppo.rollout_is_cap)
-            _add(metrics, "rollout/is_weight_mean", w.mean().item() if w.numel() else 1.0)
-            _add(metrics, "rollout/is_truncated_fraction", (w >= ppo.rollout_is_cap).double().mean().item() if w.numel() else 0.0)
+            if w.numel():
+                _add(metrics, "rollout/is_weight_mean", w.mean().item())
+                _add(metrics, "rollout/is_truncated_fraction", (w >= ppo.rollout_is_cap).double().mean().item())
         for epoch in range(ppo.epochs):
             order = torch.randperm(batch.num_rows, generator=gen)
             for i, idx in enumerate(torch.tensor_split(order, chunks)):
