@@ -203,6 +203,20 @@ def test_a_resumed_sweep_does_not_draw_the_same_parameters_again(tmp_path):
     assert fresh._study(space).ask(space).params == first.params  # same seed, same first draw: reproducible
 
 
+def test_pruner_null_never_prunes(tmp_path):
+    """`pruner: null` (the grid) must mean no pruning: Optuna's own default for a study without a pruner is a
+    MedianPruner, which pruned a grid cell of the two-knob study whose first seed ended below the median."""
+    from hydra_plugins.stepopsd_optuna.optuna_sweeper import OptunaSweeper
+
+    space = {"a": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study = OptunaSweeper(storage=f"sqlite:///{tmp_path}/p.db", study_name="nop")._study(space)
+    for value in (0.9, 0.8, 0.7, 0.6, 0.5, 0.1):  # finished trials that report step 20, then a low one
+        trial = study.ask(space)
+        trial.report(value, 20)
+        assert not trial.should_prune()
+        study.tell(trial.number, value)
+
+
 def test_the_objective_is_the_mean_of_the_named_metrics_last_k_validations():
     from stepopsd.sweep import check_metric, metric_name, objective
 

@@ -171,7 +171,8 @@ class OptunaSweeper(Sweeper):
             extra["seed"] = int(self.sampler_cfg.seed) + existing
         sampler = self._build("sampler", self.sampler_cfg, **extra)
         study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
-                                    pruner=self._build("pruner", self.pruner_cfg), direction=self.direction,
+                                    pruner=self._build("pruner", self.pruner_cfg) or optuna.pruners.NopPruner(),
+                                    direction=self.direction,
                                     load_if_exists=True)
         if study.direction.name.lower() != self.direction:
             raise SweepError(f"study {self.study_name!r} in {self.storage} was created to {study.direction.name.lower()}; "
