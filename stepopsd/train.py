@@ -31,7 +31,7 @@ from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, wo
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
-from stepopsd.policy.backends.vllm import VLLMBackend, VLLMConfig, import_vllm
+from stepopsd.policy.backends.vllm import VLLMBackend, VLLMConfig, check_unfiltered, import_vllm
 from stepopsd.policy.loading import DTYPES, TASK_VOCAB, load_policy, load_tokenizer, random_policy, task_tokenizer
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
@@ -112,9 +112,7 @@ def vllm_config(cfg: DictConfig) -> VLLMConfig:
     if v["max_model_len"] < r.max_prompt_tokens + r.max_new_tokens:
         raise ValueError(f"rollout.vllm.max_model_len={v['max_model_len']} < max_prompt_tokens + max_new_tokens "
                          f"({r.max_prompt_tokens + r.max_new_tokens}): raise it or leave it null")
-    if r.top_p < 1 or r.top_k > 0:
-        raise ValueError(f"rollout.backend=vllm with top_p={r.top_p}, top_k={r.top_k}: vLLM reports the log-probs of the "
-                         "filtered distribution, the trainer scores the unfiltered one; use top_p=1.0, top_k=0")
+    check_unfiltered(r.top_p, r.top_k)
     config = VLLMConfig(**v)
     try:
         import_vllm()

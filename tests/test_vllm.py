@@ -140,9 +140,13 @@ def test_weights_sync_after_an_update(engine, policy, prompts):
     assert gap(policy, prompts, engine.generate(prompts, params, seed=5), 1.0) < 1e-4
 
 
-def _metrics(out):
+def _rows(out):
     (path,) = glob.glob(str(out / "csv" / "version_0" / "metrics.csv"))
-    return [r for r in csv.DictReader(open(path)) if r.get("actor/pg_loss")]
+    return list(csv.DictReader(open(path)))
+
+
+def _metrics(out):
+    return [r for r in _rows(out) if r.get("actor/pg_loss")]
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +168,7 @@ def test_train_py_with_vllm_two_steps(games, tmp_path_factory):
     rows = _metrics(out)
     assert len(rows) == 2
     assert all(float(r["rollout/logp_gap_mean"]) < 1e-3 for r in rows)
-    assert any(r.get("val_generated/valid_seen/success") for r in csv.DictReader(open(
-        glob.glob(str(out / "csv" / "version_0" / "metrics.csv"))[0])))
+    assert any(r.get("val_generated/valid_seen/success") for r in _rows(out))
 
 
 def test_a_skipped_weight_push_stops_the_next_step(games, tmp_path_factory):

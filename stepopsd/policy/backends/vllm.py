@@ -79,6 +79,14 @@ def import_vllm():
     return LLM, VLLMSamplingParams, TokensPrompt
 
 
+def check_unfiltered(top_p: float, top_k: int) -> None:
+    """vLLM's processed log-probs are taken after top-k / top-p filtering, the trainer scores the unfiltered
+    distribution (`base`): refuse filtered sampling rather than report log-probs the trainer cannot reproduce."""
+    if top_p < 1 or top_k > 0:
+        raise ValueError(f"rollout.backend=vllm with top_p={top_p}, top_k={top_k}: vLLM reports the log-probs of the "
+                         "filtered distribution, the trainer scores the unfiltered one; use top_p=1.0 and top_k=0")
+
+
 def request_seed(seed: int, index: int) -> int:
     """The seed of request `index` of a call seeded `seed` (a 63-bit mix, distinct per request)."""
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
@@ -97,10 +105,9 @@ class VLLMBackend:
             raise ValueError(f"rollout.vllm.sleep_level={cfg.sleep_level}: vLLM's sleep mode needs a CUDA, ROCm or "
                              "XPU device; use sleep_level=0 here")
         self.stop_ids = stop_token_ids(tokenizer, model)
-        if current_platform.is_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gb))))
         extra = {}
         if current_platform.is_cpu():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(cfg.kv_cache_gb))))
             # one scheduler step takes every prompt whole: the CPU build crashes when a seeded request's prefill is
             # split over steps (it rewinds the request's generator, which CPU generators cannot do)
             extra["max_num_batched_tokens"] = cfg.max_num_seqs * cfg.max_model_len
@@ -153,10 +160,7 @@ class VLLMBackend:
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None
     ) -> list[Generation]:
-        if params.top_p < 1 or params.top_k > 0:
-            raise ValueError(f"rollout.backend=vllm with top_p={params.top_p}, top_k={params.top_k}: vLLM reports the "
-                             "log-probs of the filtered distribution, the trainer scores the unfiltered one; use "
-                             "top_p=1.0 and top_k=0 with vLLM")
+        check_unfiltered(params.top_p, params.top_k)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty: a prompt needs at least one token")
