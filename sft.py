@@ -7,11 +7,13 @@ import stepopsd.launch  # noqa: F401  registers ${stepopsd.run_stamp:...} (conf/
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from stepopsd.errors import UserError, main_guard
     from stepopsd.train import build_policy, prepare_data
 
-    if cfg.model.kind != "tiny":
-        raise SystemExit("sft.py builds the tiny offline policy: add machine=cpu (or model=tiny)")
-    build_policy(cfg, prepare_data(cfg))
+    with main_guard("sft.py"):  # a user error: one line (stepopsd/errors.py)
+        if cfg.model.kind != "tiny":
+            raise UserError("sft.py builds the tiny offline policy: add machine=cpu (or model=tiny)")
+        build_policy(cfg, prepare_data(cfg))
 
 
 if __name__ == "__main__":

@@ -33,11 +33,13 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
+from stepopsd.errors import UserError
+
 TIMEOUT_S = float(os.environ.get("STEPOPSD_RANK0_TIMEOUT", 7200))  # how long a rank waits for rank 0
 
 
-class LaunchError(RuntimeError):
-    """Rank 0 failed (or never answered) while the other ranks waited for it."""
+class LaunchError(UserError, RuntimeError):
+    """Rank 0 failed (or never answered) while the other ranks waited for it: one line pointing at rank 0's log."""
 
 
 @dataclass(frozen=True)

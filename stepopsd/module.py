@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm, entropy_from_logits, kl_k3,
                                      policy_loss, ppo_stats, truncated_is_weights)
 from stepopsd.data.batch import RolloutBatch, micro_batches
+from stepopsd.errors import UserError
 from stepopsd.policy.logprobs import (left_align, right_align, tail_logits, tail_logprobs, tail_width,
                                       token_logprobs)
 from stepopsd.policy.sharding import ShardingConfig, full_state_dict, gathered, is_sharded, shard_policy
@@ -349,8 +350,9 @@ class GRPOModule(L.LightningModule):
         return out
 
 
-class LogpGapError(RuntimeError):
-    """The rollout engine's log-probs are not the trainer's (a stale engine, another temperature, drift)."""
+class LogpGapError(UserError, RuntimeError):
+    """The rollout engine's log-probs are not the trainer's (a stale engine, another temperature, drift): one line
+    naming the likely causes, as a user error."""
 
 
 def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
+from stepopsd.errors import UserError
 from stepopsd.callbacks.rescoring import TeacherRescoring
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
 from stepopsd.data.datamodule import RolloutDataModule
@@ -41,7 +42,7 @@ from stepopsd.sweep import check_metric, metric_name, objective, trial_reporter
 from stepopsd.types import Task
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad knob, caught before any work starts."""
 
 

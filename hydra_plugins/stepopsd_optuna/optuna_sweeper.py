@@ -40,13 +40,14 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from stepopsd.errors import UserError
 from stepopsd.sweep import open_storage
 
 log = logging.getLogger(__name__)
 MISSING = object()
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A bad sweep config or a trial that hit a user error: one line, the sweep stops."""
 
 
@@ -222,8 +223,6 @@ class OptunaSweeper(Sweeper):
             log.info(f"[optuna] trial {t.number} was left running by an interrupted sweep: marked FAIL, asked again")
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, results: list) -> None:
-        from stepopsd.train import ConfigError
-
         values, dirs, pruned, error = [], [], None, None
         for seed, ret in results:
             out = str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else ""
@@ -235,7 +234,7 @@ class OptunaSweeper(Sweeper):
             exc = ret._return_value
             if isinstance(exc, optuna.TrialPruned):
                 pruned = str(exc)
-            elif isinstance(exc, (ConfigError, FileNotFoundError)):
+            elif isinstance(exc, (UserError, FileNotFoundError)):
                 self._set_attrs(trial, results, values, dirs, error=str(exc))
                 tell(study, trial, state=TrialState.FAIL)
                 raise SweepError(f"trial {trial.number} (seed {seed}): {exc}")

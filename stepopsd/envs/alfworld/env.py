@@ -19,6 +19,7 @@ import os
 from typing import Mapping, Sequence
 
 from stepopsd.envs.alfworld.engine import AlfWorldEngine
+from stepopsd.errors import UserError
 from stepopsd.envs.alfworld.prompts import action_span, parse_action, render_prompt, step_reward
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SPLITS, TASK_TYPES, resolve_task_types, task_type_of
 from stepopsd.envs.workers import EnvWorkerPool
@@ -30,7 +31,7 @@ INVALID_OBSERVATION = "Nothing happens."  # what the engine answers to a command
 INVALID_HISTORY_ACTION = "(no valid action)"  # how an invalid step shows in later prompts' history
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """No ALFWorld games where the config points."""
 
 

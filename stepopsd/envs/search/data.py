@@ -16,6 +16,7 @@ import os
 
 import pyarrow.parquet as pq
 
+from stepopsd.errors import UserError
 from stepopsd.types import Task
 
 GENERATED_KEY = "stepopsd_generated"  # file-level parquet metadata of generated files
@@ -36,7 +37,7 @@ SEARCH_R1_SOURCES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """No Search-QA parquet where the config points."""
 
 
