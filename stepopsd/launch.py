@@ -127,6 +127,65 @@ def run_stamp(pattern: str) -> str:
     return _stamps[pattern]
 
 
+def run_dir(parent: str, resume=None, overrides=()) -> str:
+    """`${stepopsd.run_dir:outputs/<task>/runs,${resume},${hydra:overrides.task}}`: the folder of this run,
+    the same on every rank of a launch.
+
+    - `resume` null: a new folder `<parent>/<time stamp>`; one that already holds something (two runs
+      started in the same second) gets a suffix (`_1`, `_2`, ...), so an earlier run is never overwritten.
+    - `resume=auto`: the newest folder under `parent` started with the same overrides (`resume` aside) that
+      holds a readable checkpoint: the killed or pre-empted run continues in its own folder. None: a new one.
+    - `resume=<run dir>`: that folder.
+    """
+    def decide() -> str:
+        if resume not in (None, "", "auto"):
+            return str(resume)
+        if resume == "auto":
+            if (found := resumable_run(parent, overrides)) is not None:
+                return found
+        base = os.path.join(parent, run_stamp("%Y-%m-%d_%H-%M-%S"))
+        path, n = base, 0
+        while os.path.exists(path) and os.listdir(path):
+            n += 1
+            path = f"{base}_{n}"
+        return path
+
+    key = f"run_dir/{parent}/{resume}/{same_run_key(overrides)}"
+    if key not in _stamps:  # decided once per process (Hydra resolves the run dir more than once)
+        _stamps[key] = agree("run_dir", decide() if _is_zero() else "")
+    return _stamps[key]
+
+
+def _is_zero() -> bool:
+    info = launch()
+    return info is None or info.is_zero
+
+
+def same_run_key(overrides) -> str:
+    """An override list as a run's identity: sorted, `resume=` left out."""
+    return "|".join(sorted(str(o) for o in overrides or () if not str(o).startswith("resume=")))
+
+
+def resumable_run(parent: str, overrides) -> str | None:
+    """The newest run folder under `parent` with these overrides and a readable checkpoint (resume=auto)."""
+    import yaml
+
+    from stepopsd.checkpoints import last_good_checkpoint
+
+    if not os.path.isdir(parent):
+        return None
+    for name in sorted(os.listdir(parent), reverse=True):
+        folder = os.path.join(parent, name)
+        try:
+            with open(os.path.join(folder, ".hydra", "overrides.yaml")) as f:
+                saved = yaml.safe_load(f) or []
+        except (OSError, yaml.YAMLError):
+            continue
+        if same_run_key(overrides) == same_run_key(saved) and last_good_checkpoint(folder) is not None:
+            return folder
+    return None
+
+
 def rank_zero_only(value):
     """`${stepopsd.rank_zero_only:X}`: X on global rank 0 (and outside a launch), None on the other ranks."""
     info = launch()
@@ -140,6 +199,7 @@ def rank_suffix() -> str:
 
 
 OmegaConf.register_new_resolver("stepopsd.run_stamp", run_stamp, replace=True)
+OmegaConf.register_new_resolver("stepopsd.run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("stepopsd.rank_zero_only", rank_zero_only, replace=True)
 OmegaConf.register_new_resolver("stepopsd.rank_suffix", rank_suffix, replace=True)
 

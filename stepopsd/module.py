@@ -32,6 +32,7 @@ from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm,
                                      policy_loss, ppo_stats, truncated_is_weights)
 from stepopsd.data.batch import RolloutBatch, micro_batches
 from stepopsd.errors import UserError
+from stepopsd.faults import maybe_kill
 from stepopsd.policy.logprobs import (left_align, right_align, tail_logits, tail_logprobs, tail_width,
                                       token_logprobs)
 from stepopsd.policy.sharding import ShardingConfig, full_state_dict, gathered, is_sharded, shard_policy
@@ -55,6 +56,7 @@ class PPOConfig:
     temperature: float = 1.0  # the rollout's sampling temperature: log-probs are taken at the same scale
     logp_gap_threshold: float = 0.05  # max |trainer - rollout| log-prob (mean over tokens) before the first update
     rollout_is_cap: float = 0.0  # truncated importance sampling rollout -> trainer (0 = off; e.g. 2.0 with vLLM)
+    max_nonfinite_updates: int = 3  # skipped non-finite updates in a row before the run stops
 
     def __post_init__(self):
         if self.lr <= 0 or self.epochs < 1 or self.mini_batch_rows < 1 or self.warmup_steps < 0:
@@ -69,6 +71,8 @@ class PPOConfig:
             raise ValueError(f"ppo.agg={self.agg!r}: choose one of {', '.join(AGGREGATIONS)}")
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.max_grad_norm <= 0 or self.temperature <= 0:
             raise ValueError("ppo: kl_coef and entropy_coef must be >= 0, max_grad_norm and temperature > 0")
+        if self.max_nonfinite_updates < 1:
+            raise ValueError(f"ppo.max_nonfinite_updates={self.max_nonfinite_updates}: need >= 1")
         if self.rollout_is_cap != 0 and not self.rollout_is_cap >= 1:
             raise ValueError(f"ppo.rollout_is_cap={self.rollout_is_cap}: use 0 (off) or a cap >= 1 (2.0 is usual)")
 
@@ -93,6 +97,7 @@ class GRPOModule(L.LightningModule):
         self.policy = policy
         self.ppo = ppo
         self.automatic_optimization = False
+        self.nonfinite_streak = 0  # PPO updates skipped in a row for a non-finite loss or gradient
         self.reference = None
         if ppo.kl_coef > 0:  # the frozen initial policy (kept separate from the teacher, spec §7)
             self.reference = copy.deepcopy(policy).to(frozen_dtype).eval().requires_grad_(False)
@@ -247,7 +252,12 @@ class GRPOModule(L.LightningModule):
                     self._check_logp_gap(logp, out["rollout_logp"][None], ones, metrics)
                 if "kl_ref" in out:
                     _add(metrics, "actor/kl_ref", out["kl_ref"].item())
+                if epoch == 0 and i == 0:
+                    maybe_kill("update", self.current_epoch + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
                 grad_norm = self._clip_gradients()
+                if not self._finite_update(out, grad_norm, metrics):
+                    opt.zero_grad(set_to_none=True)  # skipped: the weights and AdamW's moments stay as they were
+                    continue
                 opt.step()
                 stats = ppo_stats(logp, old, adv, ones, clip_low=ppo.clip_low, clip_high=ppo.clip_high)
                 _add(metrics, "actor/pg_loss", out["pg_loss"].item())
@@ -267,6 +277,22 @@ class GRPOModule(L.LightningModule):
                    "actor/lr": lr}
         self.log_dict(logged, on_step=True, prog_bar=False, sync_dist=True, batch_size=batch.num_rows)
         return None
+
+    def _finite_update(self, out: dict, grad_norm: torch.Tensor, metrics: dict) -> bool:
+        """Whether an update's loss and gradient norm are finite. A non-finite one is skipped and counted
+        (`actor/skipped_updates`); after `ppo.max_nonfinite_updates` skipped in a row the run stops with a
+        `NonFiniteError` naming the last checkpoint (the weights are still the last good ones)."""
+        finite = bool(torch.isfinite(grad_norm)) and all(bool(torch.isfinite(out[k])) for k in ("pg_loss", "entropy"))
+        _add(metrics, "actor/skipped_updates", float(not finite))
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        if self.nonfinite_streak >= self.ppo.max_nonfinite_updates:
+            last = self.trainer.checkpoint_callback.last_model_path if self._trainer is not None and \
+                self.trainer.checkpoint_callback is not None else ""
+            raise NonFiniteError(f"{self.nonfinite_streak} PPO updates in a row had a non-finite loss or gradient "
+                                 f"(training step {self.current_epoch + 1}); the weights were not changed by them. "
+                                 f"Resume from the last checkpoint ({last or 'none saved yet'}) with a lower "
+                                 "algorithm.ppo.lr, or check the advantages and rewards for inf/NaN")
+        return finite
 
     def _clip_gradients(self) -> torch.Tensor:
         """Clip the global gradient norm to max_grad_norm; returns the norm before clipping. Under FSDP the
@@ -348,6 +374,10 @@ class GRPOModule(L.LightningModule):
             back = right_align(full, rows["attention_mask"]) * rows["loss_mask"]
             out[micro, :back.shape[1]] = back.to(out.device, out.dtype)
         return out
+
+
+class NonFiniteError(UserError, RuntimeError):
+    """Too many PPO updates in a row with a non-finite loss or gradient: the run stops (one line)."""
 
 
 class LogpGapError(UserError, RuntimeError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from stepopsd.algorithms.stepopsd import TARGET_SPAN_MODES
 from stepopsd.policy.backends.base import GenerationBackend, SamplingParams
@@ -73,8 +73,9 @@ def encode_prompt(tokenizer, text: str, *, chat_template: bool, max_tokens: int,
 
 
 def rollout(env: AgentEnv, backend: GenerationBackend, tokenizer, tasks: Sequence[Task], cfg: RolloutConfig,
-            *, seed: int = 0) -> tuple[list[Trajectory], RolloutStats]:
-    """Roll out `cfg.group_size` copies of every task to the end; slot g*G + j is member j of group g."""
+            *, seed: int = 0, after_turn: Callable[[int], None] | None = None) -> tuple[list[Trajectory], RolloutStats]:
+    """Roll out `cfg.group_size` copies of every task to the end; slot g*G + j is member j of group g.
+    `after_turn(turn)` is called after each turn's env step (progress, the tests' fault injection)."""
     stats = RolloutStats()
     t0 = time.perf_counter()
     states = env.reset(tasks, cfg.group_size)
@@ -102,6 +103,8 @@ def rollout(env: AgentEnv, backend: GenerationBackend, tokenizer, tasks: Sequenc
             steps[slot].append(StepRecord(tuple(ids), tuple(gen.token_ids), tuple(gen.logprobs), text, target, tr))
             failed[slot] |= tr.state.failed
             stats.generated_tokens += len(gen.token_ids)
+        if after_turn is not None:
+            after_turn(stats.turns)
         stats.turns += 1
         stats.steps += len(live)
     trajectories = [Trajectory(tasks[slot // cfg.group_size], slot // cfg.group_size, slot % cfg.group_size,

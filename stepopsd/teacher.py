@@ -18,6 +18,10 @@ from stepopsd.hindsight import alfworld_peer_lines, hindsight_blocks, teacher_in
 from stepopsd.policy.logprobs import left_align, tail_logprobs
 
 
+class TeacherContextError(ValueError):
+    """A hindsight context longer than the teacher model accepts."""
+
+
 class TeacherSnapshot:
     """π_T: a frozen copy of the policy, refreshed every `refresh` optimizer steps (0 = live policy),
     kept in `dtype` (None: the policy's; bfloat16 halves a 1.7B-3B teacher's memory). A refresh copies
@@ -76,6 +80,11 @@ def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], token
     rows to a similar width: the contexts differ by hundreds of tokens (a failed row's block holds a
     successful peer's steps), and in batch order every pass was padded to about the longest context."""
     ti = teacher_inputs(batch.step_ids.cpu(), batch.input_ids.cpu(), batch.row_traj.cpu(), blocks, tokenizer, pad_id=pad_id)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and len(ti.rows) and (longest := int(ti.attention_mask.sum(1).max())) > limit:
+        raise TeacherContextError(f"a hindsight context of {longest} tokens is longer than the teacher allows "
+                                  f"({limit}, max_position_embeddings): lower algorithm.stepopsd.peer_budget_tokens "
+                                  "or rollout.max_prompt_tokens")
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
     device = next(model.parameters()).device
     parts = micro_batches(torch.arange(len(ti.rows)), ti.attention_mask.sum(1), rows=micro_batch) if len(ti.rows) else []

@@ -22,7 +22,10 @@ from transformers import AutoConfig
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.errors import UserError
+from stepopsd.callbacks.preemption import Preemption
 from stepopsd.callbacks.rescoring import TeacherRescoring
+from stepopsd.checkpoints import (AtomicCheckpointIO, check_compatible, last_good_checkpoint, read_checkpoint, remove_torn,
+                                  steps_done, trim_metrics)
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
@@ -55,6 +58,7 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
         raise ConfigError(f"group_size={cfg.group_size}: GRPO needs >= 2 rollouts per task")
     if cfg.training_steps < 1 or cfg.tasks_per_step < 1:
         raise ConfigError("training_steps and tasks_per_step must be >= 1")
+    check_resume(cfg)
     if cfg.ckpt_path is not None and os.path.isdir(cfg.ckpt_path) and not sharded(cfg.trainer):
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} is a folder: a sharded trainer=fsdp checkpoint; resume it with trainer=fsdp")
     if cfg.ckpt_path is not None and not os.path.isfile(cfg.ckpt_path) and not (
@@ -165,6 +169,48 @@ def check_precision(cfg: DictConfig) -> None:
         heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if heads % kv:
             raise ConfigError(f"model.arch: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """`resume` (auto, or a run folder) against `ckpt_path` and the launch (one-line errors)."""
+    resume = cfg.get("resume")
+    if resume is None:
+        return
+    if cfg.ckpt_path is not None:
+        raise ConfigError(f"resume={resume} and ckpt_path={cfg.ckpt_path}: choose one (resume continues a run in its "
+                          "folder; ckpt_path starts a new run from a checkpoint)")
+    if sharded(cfg.trainer):
+        raise ConfigError("resume with trainer=fsdp: pass ckpt_path=<run dir>/checkpoints/last.ckpt (a sharded folder)")
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise ConfigError("resume in a sweep (-m): rerun the sweep command instead; the study resumes its trials")
+    if resume != "auto" and not os.path.isdir(str(resume)):
+        raise ConfigError(f"resume={resume}: no such run folder; use resume=auto or an outputs/<task>/runs/<time> folder")
+
+
+def resume_from(cfg: DictConfig) -> tuple[str | None, int]:
+    """The checkpoint this run starts from and its training steps: `ckpt_path`, or with `resume` the last good
+    checkpoint of the run folder (Hydra already put this process there, `stepopsd.launch.run_dir`)."""
+    if cfg.ckpt_path is not None:
+        if sharded(cfg.trainer):
+            return cfg.ckpt_path, 0
+        return cfg.ckpt_path, steps_done(read_checkpoint(cfg.ckpt_path))
+    if cfg.get("resume") is None:
+        return None, 0
+    found = last_good_checkpoint(cfg.paths.output_dir)
+    if found is None:
+        if cfg.resume != "auto":
+            raise ConfigError(f"resume={cfg.resume}: no readable checkpoint in {cfg.paths.output_dir}/checkpoints")
+        print("[resume=auto] no earlier run of these overrides with a checkpoint: starting a new run", flush=True)
+        return None, 0
+    path, steps = found
+    remove_torn(cfg.paths.output_dir)
+    dropped = trim_metrics(cfg.paths.output_dir, steps)
+    print(f"[resume] continuing {cfg.paths.output_dir} from {os.path.basename(path)} ({steps} training steps done; "
+          f"{dropped} metric rows logged after it dropped)", flush=True)
+    return path, steps
 
 
 def check_launch(cfg: DictConfig) -> None:
@@ -341,7 +387,8 @@ def check_objective(cfg: DictConfig, val_tasks: dict[str, list[Task]]) -> str:
 
 def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label, objective_name) -> float:
     datamodule = RolloutDataModule(train_tasks, make_env, backend_factory(cfg), tokenizer, rollout_cfg,
-                                   tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed)
+                                   tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed,
+                                   max_failed_fraction=cfg.rollout.max_failed_fraction)
     frozen = DTYPES[cfg.model.get("frozen_dtype", cfg.model.dtype)]
     sharding = ShardingConfig(**OmegaConf.to_container(cfg.trainer.fsdp)) if sharded(cfg.trainer) else None
     module = GRPOModule(policy, ppo, frozen_dtype=frozen, sharding=sharding)
@@ -351,8 +398,9 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
     # One Lightning epoch = one training step (a rollout batch and its PPO update): checkpoints, resume
     # and the progress bar count training steps, not PPO's several optimizer steps per batch.
     every = cfg.callbacks.checkpoint_every or cfg.training_steps
-    callbacks = [RolloutLogging(), validation,
-                 ModelCheckpoint(dirpath=os.path.join(cfg.paths.output_dir, "checkpoints"), filename="step{train_step:04.0f}",
+    checkpoints = os.path.join(cfg.paths.output_dir, "checkpoints")
+    callbacks = [RolloutLogging(), validation, Preemption(checkpoints, requeue=cfg.callbacks.requeue),
+                 ModelCheckpoint(dirpath=checkpoints, filename="step{train_step:04.0f}",
                                  auto_insert_metric_name=False, every_n_epochs=every, save_top_k=cfg.callbacks.keep_checkpoints,
                                  save_last=True, save_on_train_epoch_end=True),
                  RichProgressBar() if cfg.callbacks.progress_bar == "rich" else TQDMProgressBar()]
@@ -361,10 +409,14 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
                                              micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))
     from hydra.utils import instantiate
 
-    trainer = L.Trainer(max_epochs=cfg.training_steps, limit_train_batches=1, logger=instantiate(cfg.logger),
-                        callbacks=callbacks, log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
-                        **trainer_kwargs(cfg.trainer))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    ckpt_path, _ = resume_from(cfg)
+    if ckpt_path is not None and not sharded(cfg.trainer):  # another model or algorithm: one line, not a page
+        check_compatible(read_checkpoint(ckpt_path, mmap=True), ckpt_path, module, callbacks)
+    trainer = L.Trainer(max_epochs=cfg.training_steps, limit_train_batches=1, logger=instantiate(cfg.logger), callbacks=callbacks,
+                        log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
+                        default_root_dir=cfg.paths.output_dir,
+                        plugins=[] if sharded(cfg.trainer) else [AtomicCheckpointIO()], **trainer_kwargs(cfg.trainer))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     full = module.full_state_dict()  # trainer=fsdp: the shards gathered on rank 0 (every rank takes part)
     if trainer.is_global_zero:
         final = os.path.join(cfg.paths.output_dir, "policy")

@@ -21,7 +21,7 @@ from stepopsd.callbacks.rescoring import TeacherRescoring
 from stepopsd.data.batch import RolloutBatch, build_batch
 from stepopsd.envs.alfworld.prompts import action_span, format_response, parse_action, render_prompt, step_reward
 from stepopsd.hindsight import alfworld_peer_lines, fit_from_front, hindsight_blocks, hindsight_text, teacher_inputs
-from stepopsd.module import GRPOModule, PPOConfig
+from stepopsd.module import GRPOModule, NonFiniteError, PPOConfig
 from stepopsd.policy.backends.base import Generation, SamplingParams
 from stepopsd.policy.logprobs import sequence_logprobs
 from stepopsd.policy.tiny import build_tiny_policy
@@ -336,9 +336,23 @@ def test_build_batch_rewards_advantages_and_layout(tok):
     assert torch.equal(pair["advantages"][0], batch.advantages[shortest])
 
 
+def test_build_batch_drops_a_group_left_with_one_member_and_normalises_the_rest_over_survivors(tok):
+    """Group 0 of three members loses one: A over the two survivors (rewards 9.9 and 0: A = +-1/sqrt(2) up to
+    eps, as in the layout test); group 1 keeps one of two: dropped (its lone A would be 0), counted."""
+    g0 = two_groups(tok)[:2]
+    g0 = [*g0, dataclasses.replace(g0[1], member=2, failed=True)]
+    g1 = [dataclasses.replace(t, group=1, member=j) for j, t in enumerate(two_groups(tok)[:2])]
+    g1[1] = dataclasses.replace(g1[1], failed=True)
+    batch, metrics = build_batch(g0 + g1, pad_id=tok.pad_token_id)
+    assert batch.traj_group.tolist() == [0, 0] and batch.trajectories == tuple(g0[:2])
+    a0 = 4.95 / (4.95 * math.sqrt(2) + 1e-6)
+    torch.testing.assert_close(batch.traj_adv, torch.tensor([a0, -a0]), atol=1e-5, rtol=0)
+    assert metrics["rollout/failed_trajectories"] == 2 and metrics["rollout/dropped_groups"] == 1
+
+
 def test_build_batch_all_failed_raises(tok):
     trajs = [dataclasses.replace(t, failed=True) for t in two_groups(tok)[:2]]
-    with pytest.raises(RuntimeError, match="all 2 trajectories failed"):
+    with pytest.raises(RuntimeError, match="2 of 2 trajectories failed and no group kept two members"):
         build_batch(trajs, pad_id=tok.pad_token_id)
 
 
@@ -532,6 +546,38 @@ def test_training_step_rejects_off_policy_logprobs(tok, model, onpolicy_trajs):
     assert _params_equal(policy, model)  # nothing was updated
 
 
+def test_a_non_finite_update_is_skipped_and_counted_and_too_many_in_a_row_stop_the_run(tok, model, onpolicy_trajs):
+    """A NaN advantage (a broken reward or teacher) makes the loss and gradient NaN: AdamW would write NaN into
+    every weight. The update is skipped (weights untouched), counted; with max_nonfinite_updates=1 the run stops
+    with the one-line NonFiniteError."""
+    batch = fresh_batch(tok, onpolicy_trajs)
+    poisoned = dataclasses.replace(batch, advantages=batch.advantages * float("nan"))
+    policy = copy.deepcopy(model)
+    trainer = _fit(policy, poisoned, PPOConfig(**PPO))
+    assert _params_equal(policy, model) and all(torch.isfinite(p).all() for p in policy.parameters())
+    assert float(trainer.callback_metrics["actor/skipped_updates"]) == 1.0
+    with pytest.raises(NonFiniteError, match="1 PPO updates in a row had a non-finite loss or gradient"):
+        _fit(copy.deepcopy(model), poisoned, PPOConfig(**PPO, max_nonfinite_updates=1))
+    trainer = _fit(copy.deepcopy(model), batch, PPOConfig(**PPO))  # the same batch, finite: updated, nothing skipped
+    assert float(trainer.callback_metrics["actor/skipped_updates"]) == 0.0
+
+
+def test_a_batch_the_teacher_cannot_rescore_trains_on_plain_grpo_advantages(tok, model, onpolicy_trajs):
+    """A hindsight context longer than the teacher allows (max_position_embeddings cut to 16 here): that batch
+    falls back to plain GRPO (the same update as algorithm=grpo), counted in stepopsd/rescoring_failed, no crash."""
+    ppo = PPOConfig(**PPO)
+    plain = copy.deepcopy(model)
+    _fit(plain, fresh_batch(tok, onpolicy_trajs), ppo)
+    short = copy.deepcopy(model)
+    short.config.max_position_embeddings = 16
+    trainer = _fit(short, fresh_batch(tok, onpolicy_trajs), ppo, callbacks=[TeacherRescoring(StepOPSDConfig(lam0=0.2), tok)])
+    assert float(trainer.callback_metrics["stepopsd/rescoring_failed"]) == 1.0
+    assert _params_equal(short, plain)
+    ok = copy.deepcopy(model)  # with the real limit the teacher rescored: another update
+    trainer = _fit(ok, fresh_batch(tok, onpolicy_trajs), ppo, callbacks=[TeacherRescoring(StepOPSDConfig(lam0=0.2), tok)])
+    assert float(trainer.callback_metrics["stepopsd/rescoring_failed"]) == 0.0 and not _params_equal(ok, plain)
+
+
 def test_truncated_importance_sampling_recomputes_pi_old_and_weights_the_drift(tok, model, onpolicy_trajs):
     """ppo.rollout_is_cap: pi_old is the trainer's own (recomputed over the whole batch, in the rollout's layout),
     the logged gap is the engine's drift, and with no drift the update is exactly the plain one."""
@@ -636,7 +682,9 @@ def test_rollout_records_steps_targets_and_groups(tok):
     hindsight_ids = {tok.convert_tokens_to_ids(t) for t in ("<hindsight>", "<peer_correct_trajectory>")}
     assert not any(hindsight_ids & set(p) for p in backend.prompts)  # nothing of h_i reaches the rollout
     batch, metrics = build_batch(trajs, pad_id=tok.pad_token_id)
-    assert batch.num_rows == 6 and metrics["rollout/failed_trajectories"] == 1
+    # group 1 lost member 1: its one survivor (1 step) is dropped with it, and counted
+    assert batch.num_rows == 5 and metrics["rollout/failed_trajectories"] == 1 and metrics["rollout/dropped_groups"] == 1
+    assert batch.traj_group.tolist() == [0, 0]
 
 
 def test_encode_prompt_left_truncates(tok):

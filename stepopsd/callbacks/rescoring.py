@@ -3,19 +3,25 @@
 On every training batch, before `training_step`, it rescores the batch's target tokens with the
 hindsight teacher (Eq. 2-5) and replaces the GRPO advantages with the shaped ones (Eq. 6-12);
 the teacher snapshot is refreshed every N_ref training steps and saved with checkpoints. Without
-this callback (`algorithm=grpo`), or with lambda_t = 0, training is exactly GRPO.
+this callback (`algorithm=grpo`), or with lambda_t = 0, training is exactly GRPO. A batch whose rescoring
+fails (a hindsight context longer than the teacher allows, out of memory) trains on its plain GRPO
+advantages, with a warning, counted in `stepopsd/rescoring_failed`.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import lightning as L
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.data.batch import RolloutBatch
+from stepopsd.faults import maybe_kill
 from stepopsd.hindsight import alfworld_peer_lines
 from stepopsd.teacher import TeacherSnapshot, rescore
+
+log = logging.getLogger(__name__)
 
 
 class TeacherRescoring(L.Callback):
@@ -47,12 +53,19 @@ class TeacherRescoring(L.Callback):
         refreshed = self.teacher.maybe_refresh(pl_module.policy, self.step)
         teacher = self.teacher.model.to(pl_module.device)
         live = teacher is pl_module.policy and hasattr(pl_module, "full_weights")  # teacher_refresh=0
-        with trainer.precision_plugin.forward_context(), pl_module.full_weights() if live else contextlib.nullcontext():
-            # the trainer's compute precision (bf16-mixed: autocast); a live-policy teacher under FSDP: full weights
-            shaped, metrics = rescore(batch, teacher, self.tokenizer, self.config, self.step,
-                                      pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
-                                      micro_batch=self.micro_batch, peer_lines=self.peer_lines)
-        batch.advantages = shaped  # the documented write-back: training_step reads the shaped values
+        try:
+            with trainer.precision_plugin.forward_context(), pl_module.full_weights() if live else contextlib.nullcontext():
+                # the trainer's compute precision (bf16-mixed: autocast); a live-policy teacher under FSDP: full weights
+                shaped, metrics = rescore(batch, teacher, self.tokenizer, self.config, self.step,
+                                          pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
+                                          micro_batch=self.micro_batch, peer_lines=self.peer_lines)
+            maybe_kill("rescore", self.step + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
+            batch.advantages = shaped  # the documented write-back: training_step reads the shaped values
+            metrics["stepopsd/rescoring_failed"] = 0.0
+        except Exception as e:  # a context too long for the teacher, out of memory, ...: this batch is plain GRPO
+            log.warning("[stepopsd] teacher rescoring failed at training step %d (%s: %s): this batch trains on "
+                        "plain GRPO advantages", self.step + 1, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            metrics = {"stepopsd/rescoring_failed": 1.0, "stepopsd/lambda": self.config.lam(self.step)}
         metrics |= {"time/rescore_s": time.perf_counter() - t0, "stepopsd/teacher_refreshed": float(refreshed),
                     "stepopsd/teacher_age": self.step - self.teacher.taken_at}
         pl_module.log_dict(metrics, on_step=True, sync_dist=True, batch_size=batch.num_rows)

@@ -7,12 +7,15 @@
     A_i = group_advantages(R, group) (Eq. 1), every row of trajectory i carries A_i on its loss mask
     step_ids = k on the tokens of step k's target span Z_k, -1 elsewhere (for Eq. 4-12)
 
-Trajectories whose engine failed are left out (their group is normalised over the rest) and
-counted. Rows are right-padded; `loss_mask` covers response tokens only (prompt and observation
+Trajectories whose engine failed (crashed, hung, lost its retriever) are left out and counted; their
+group is normalised over its survivors, and a group left with fewer than two is dropped and counted: one
+member's A_i is 0 by Eq. 1 (R_i minus its own mean), so it would add only the KL and entropy terms of a
+subset chosen by the faults. Rows are right-padded; `loss_mask` covers response tokens only (prompt and observation
 tokens are never in the loss).
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -88,8 +91,13 @@ def micro_batches(index: torch.Tensor, lengths: torch.Tensor, *, rows: int, toke
 def build_batch(trajectories: list[Trajectory], *, pad_id: int, scale_by_std: bool = True) -> tuple[RolloutBatch, dict]:
     """The training batch and the reward manager's metrics (reward, success, uniform-group share)."""
     kept = [t for t in trajectories if not t.failed and t.steps]
+    survivors = collections.Counter(t.group for t in kept)
+    alone = {g for g, n in survivors.items() if n < 2}
+    kept = [t for t in kept if t.group not in alone]
     if not kept:
-        raise RuntimeError(f"all {len(trajectories)} trajectories failed: nothing to train on (see the env warnings)")
+        failed = sum(t.failed or not t.steps for t in trajectories)
+        raise RuntimeError(f"{failed} of {len(trajectories)} trajectories failed and no group kept two members: "
+                           "nothing to train on (see the env warnings)")
     reward = torch.tensor([t.outcome_reward for t in kept], dtype=torch.float32)
     group = torch.tensor([t.group for t in kept], dtype=torch.long)
     adv = group_advantages(reward, group, scale_by_std=scale_by_std)
@@ -119,7 +127,8 @@ def build_batch(trajectories: list[Trajectory], *, pad_id: int, scale_by_std: bo
         "reward/mean": reward.mean().item(),
         "success/rate": batch.traj_success.float().mean().item(),
         "grpo/uniform_group_frac": uniform_group_fraction(reward, group),
-        "rollout/failed_trajectories": len(trajectories) - len(kept),
+        "rollout/failed_trajectories": sum(t.failed or not t.steps for t in trajectories),
+        "rollout/dropped_groups": len({t.group for t in trajectories} - {t.group for t in kept}),
         "rollout/steps_per_traj": n / len(kept),
         "rollout/invalid_step_frac": sum(not s.transition.valid for _, _, s in rows) / n,
     }

@@ -17,8 +17,14 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from stepopsd.data.batch import RolloutBatch, build_batch
+from stepopsd.errors import UserError
+from stepopsd.faults import maybe_kill
 from stepopsd.rollout import RolloutConfig, RolloutStats, rollout
 from stepopsd.types import Task
+
+
+class EnvFailureError(UserError, RuntimeError):
+    """More of a batch's trajectories failed than `rollout.max_failed_fraction` allows: one line."""
 
 
 class _Rollouts(IterableDataset):
@@ -35,10 +41,14 @@ class RolloutDataModule(L.LightningDataModule):
     builds the generation backend over the LightningModule's policy at fit start."""
 
     def __init__(self, tasks: list[Task], env_factory: Callable, backend_factory: Callable, tokenizer,
-                 rollout_cfg: RolloutConfig, *, tasks_per_step: int, scale_by_std: bool = True, seed: int = 0):
+                 rollout_cfg: RolloutConfig, *, tasks_per_step: int, scale_by_std: bool = True, seed: int = 0,
+                 max_failed_fraction: float = 0.5):
         super().__init__()
         if tasks_per_step < 1:
             raise ValueError(f"tasks_per_step={tasks_per_step} must be >= 1")
+        if not 0 <= max_failed_fraction <= 1:
+            raise ValueError(f"rollout.max_failed_fraction={max_failed_fraction}: need a fraction in [0, 1]")
+        self.max_failed_fraction = max_failed_fraction
         self.tasks = list(tasks)
         self.env_factory, self.backend_factory = env_factory, backend_factory
         self.tokenizer, self.rollout_cfg = tokenizer, rollout_cfg
@@ -103,9 +113,15 @@ class RolloutDataModule(L.LightningDataModule):
         t0 = time.perf_counter()
         rank = self.trainer.global_rank if self.trainer else 0
         with self.generation(self.trainer) as backend:
+            step = self.batches + 1  # the training step this batch is for
             trajectories, stats = rollout(self.env, backend, self.tokenizer, tasks, self.rollout_cfg,
-                                          seed=self.seed + 100_003 * self.batches + rank)
-        batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
+                                          seed=self.seed + 100_003 * self.batches + rank,
+                                          after_turn=lambda turn: turn == 0 and maybe_kill("rollout", step))
+        self._check_failures(trajectories, step)
+        try:
+            batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
+        except RuntimeError as e:  # failures left no group of two: nothing to train on
+            raise EnvFailureError(f"training step {step}: {e}; resume with resume=auto") from None
         seconds = time.perf_counter() - t0
         self.batches += 1
         self.last_stats = stats
@@ -115,6 +131,17 @@ class RolloutDataModule(L.LightningDataModule):
             "rollout/truncated_prompts": stats.truncated_prompts,
         }
         return batch
+
+    def _check_failures(self, trajectories, step: int) -> None:
+        """Failed trajectories (env crash, timeout, retriever gone) are dropped and counted by `build_batch`;
+        past `max_failed_fraction` of one batch the environment is broken, not flaky: stop with one line."""
+        failed = sum(t.failed for t in trajectories)
+        if failed > self.max_failed_fraction * len(trajectories):
+            errors = sorted({s.transition.state.error for t in trajectories if t.failed for s in t.steps[-1:]} - {""})
+            raise EnvFailureError(f"training step {step}: {failed} of {len(trajectories)} trajectories failed, more than "
+                                  f"rollout.max_failed_fraction={self.max_failed_fraction} (e.g. {errors[0] if errors else 'a failed reset'}); "
+                                  "the environment is broken, not flaky: see the env warnings in the log, raise "
+                                  "env.step_timeout for slow engines, then resume with resume=auto")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Rollouts(self), batch_size=None, num_workers=0, collate_fn=lambda b: b)

@@ -1,0 +1,78 @@
+"""Fault injection for the reliability tests: environment variables that no config sets.
+
+They let a test kill a real run at a chosen point, or make its environment workers fail, to prove that the
+run resumes exactly (`stepopsd/checkpoints.py`) or survives (`rollout/failed_trajectories`). Unset, every
+hook is one dictionary lookup.
+
+    STEPOPSD_TEST_KILL_AT=<point>:<step>[:TERM]   SIGKILL this process (with :TERM, SIGTERM its process
+        group, as SLURM pre-empts a job) at <point> of training step <step> (1-based):
+        rollout   after the step's first generate call
+        rescore   inside the teacher's rescoring, before the advantages are written back
+        update    after the first micro-batch's backward, before the optimizer step
+        save      inside the checkpoint write of that step, the new file half written
+    STEPOPSD_TEST_ENV_FAULTS=crash:<p>,hang:<p>   every batch of env steps a worker runs crashes that
+        worker (the process exits) with probability p, or hangs it past its step timeout with probability p
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+KILL_POINTS = ("rollout", "rescore", "update", "save")
+
+
+def _kill_at() -> tuple[str, int, str] | None:
+    spec = os.environ.get("STEPOPSD_TEST_KILL_AT")
+    if not spec:
+        return None
+    point, step, sig = (spec.split(":") + ["KILL"])[:3]
+    if point not in KILL_POINTS or not step.isdigit() or sig not in ("KILL", "TERM"):
+        raise ValueError(f"STEPOPSD_TEST_KILL_AT={spec!r}: use <point>:<step>[:TERM] with a point of {', '.join(KILL_POINTS)}")
+    return point, int(step), sig
+
+
+def maybe_kill(point: str, step: int, file=None) -> None:
+    """Signal this process when STEPOPSD_TEST_KILL_AT names this point and training step. At `save`, the
+    temporary file being written (`file`) is first cut to half its length: a torn write."""
+    target = _kill_at()
+    if target is None or target[:2] != (point, step):
+        return
+    if target[2] == "TERM":  # pre-emption: the whole job (process group) when this process leads one
+        print(f"[fault injection] SIGTERM at {point} of training step {step}", flush=True)
+        os.killpg(0, signal.SIGTERM) if os.getpgrp() == os.getpid() else os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if file is not None:
+        file.flush()
+        file.truncate(max(1, file.tell() // 2))
+        file.flush()
+    print(f"[fault injection] SIGKILL at {point} of training step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def env_faults() -> dict[str, float]:
+    """{'crash': p, 'hang': p} from STEPOPSD_TEST_ENV_FAULTS (empty when unset)."""
+    spec = os.environ.get("STEPOPSD_TEST_ENV_FAULTS", "")
+    out = {}
+    for part in filter(None, spec.split(",")):
+        kind, _, p = part.partition(":")
+        if kind not in ("crash", "hang"):
+            raise ValueError(f"STEPOPSD_TEST_ENV_FAULTS={spec!r}: use crash:<p>,hang:<p>")
+        out[kind] = float(p)
+    return out
+
+
+_rng = random.Random()  # one stream per worker process (seeded by the OS)
+
+
+def maybe_fail_worker(hang_seconds: float = 3600.0) -> None:
+    """In an env worker, before it runs a batch: crash or hang it as STEPOPSD_TEST_ENV_FAULTS says."""
+    faults = env_faults()
+    if not faults:
+        return
+    u = _rng.random()
+    if u < faults.get("crash", 0.0):
+        os._exit(70)  # what a segfaulting engine looks like to the parent: EOF on the pipe
+    if u < faults.get("crash", 0.0) + faults.get("hang", 0.0):
+        time.sleep(hang_seconds)  # the parent's deadline kills and replaces this worker
