@@ -16,12 +16,13 @@ import os
 import lightning as L
 import optuna
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.errors import UserError
+from stepopsd.callbacks.progress import PROGRESS_BARS, progress_bar
 from stepopsd.callbacks.rescoring import TeacherRescoring
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
 from stepopsd.data.datamodule import RolloutDataModule
@@ -63,6 +64,8 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
                           "trainer=fsdp: a folder)")
     if cfg.callbacks.checkpoint_every < 0:
         raise ConfigError(f"callbacks.checkpoint_every={cfg.callbacks.checkpoint_every}: use 0 (end only) or N >= 1")
+    if cfg.callbacks.progress_bar not in PROGRESS_BARS:
+        raise ConfigError(f"callbacks.progress_bar={cfg.callbacks.progress_bar}: use one of {', '.join(PROGRESS_BARS)}")
     e = cfg.env
     if e.max_steps < 1 or e.history_length < 0:
         raise ConfigError(f"env.max_steps={e.max_steps}, env.history_length={e.history_length}: need >= 1 and >= 0")
@@ -355,7 +358,7 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
                  ModelCheckpoint(dirpath=os.path.join(cfg.paths.output_dir, "checkpoints"), filename="step{train_step:04.0f}",
                                  auto_insert_metric_name=False, every_n_epochs=every, save_top_k=cfg.callbacks.keep_checkpoints,
                                  save_last=True, save_on_train_epoch_end=True),
-                 RichProgressBar() if cfg.callbacks.progress_bar == "rich" else TQDMProgressBar()]
+                 progress_bar(cfg.callbacks.progress_bar)]
     if method is not None:
         callbacks.insert(1, TeacherRescoring(method, tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg),
                                              micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))
