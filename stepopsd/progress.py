@@ -10,6 +10,7 @@ Training steps and validation have their own plain lines (`stepopsd/callbacks/pr
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -109,3 +110,22 @@ class Progress:
                 print(line(self.label, self.unit, self.done, self.total, now - self.start, info), file=self.stream,
                       flush=True)
 
+
+def setup_console() -> None:
+    """The run's console output, for a terminal and for batch logs; call after `lightning` is imported.
+
+    Every Lightning log line once: the `lightning` logger has its own console handler (stderr) and also
+    propagates to the root logger, to which Hydra's job logging gives a console handler (stdout) and the
+    job's `.log` file, so each line came out twice. With root handlers present, Lightning's own are dropped
+    (also those `lightning.pytorch` / `lightning.fabric` add when imported before the root had any), and its
+    lines go through the root's, console and file. And when stdout is not a terminal it is made line-buffered,
+    so a plain `print` reaches the log at once, not when a block fills."""
+    if not on_terminal() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        own = logging.getLogger(name)
+        for handler in [h for h in own.handlers if type(h) is logging.StreamHandler]:
+            own.removeHandler(handler)
+        own.propagate = True

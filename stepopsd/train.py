@@ -37,6 +37,7 @@ from stepopsd.policy.backends.vllm import VLLMBackend, VLLMConfig, check_unfilte
 from stepopsd.policy.loading import DTYPES, TASK_VOCAB, load_policy, load_tokenizer, random_policy, task_tokenizer
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
+from stepopsd.progress import setup_console
 from stepopsd.rollout import RolloutConfig
 from stepopsd.sft import TinySFTConfig, ensure_tiny_policy
 from stepopsd.sweep import check_metric, metric_name, objective, trial_reporter
@@ -314,6 +315,7 @@ def peer_lines(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> float:
     ppo, method, rollout_cfg = check_config(cfg)
+    setup_console()  # Lightning's log lines once (Hydra's console and file); stdout line-buffered in batch logs
     L.seed_everything(cfg.seed, workers=True)
     with rank_zero_first("the data"):  # torchrun / srun: rank 0 writes data.path, the other ranks then read it
         data = prepare_data(cfg)

@@ -1,13 +1,14 @@
 """Progress lines for batch logs (stepopsd/progress.py, stepopsd/callbacks/progress.py): when they print, what
 they say, and that a terminal gets the rich bar instead. The real run is in test_progress_e2e.py."""
 import io
+import logging
 from types import SimpleNamespace
 
 import pytest
 
 from stepopsd.callbacks.progress import PlainProgressBar, progress_bar
 from stepopsd.errors import UserError
-from stepopsd.progress import Progress, duration, every_s, line
+from stepopsd.progress import Progress, duration, every_s, line, setup_console
 
 
 class Clock:
@@ -113,6 +114,47 @@ def test_auto_is_rich_on_a_terminal_and_plain_lines_otherwise(monkeypatch):
     monkeypatch.setattr("sys.stdout", io.StringIO())
     assert type(progress_bar("auto")) is PlainProgressBar
     assert type(progress_bar("tqdm")).__name__ == "TQDMProgressBar"
+
+
+class TerminalFile(io.TextIOWrapper):
+    def isatty(self):
+        return True
+
+
+def test_setup_console_makes_stdout_line_buffered_in_batch_logs_only(monkeypatch):
+    for stream, buffered in ((io.TextIOWrapper(io.BytesIO()), True), (TerminalFile(io.BytesIO()), False)):
+        monkeypatch.setattr("sys.stdout", stream)
+        setup_console()
+        assert stream.line_buffering is buffered
+
+
+def test_setup_console_drops_lightnings_own_console_handlers_only_under_a_configured_root(monkeypatch):
+    import lightning  # noqa: F401  adds its console handler to the `lightning` logger
+
+    monkeypatch.setattr("sys.stdout", io.TextIOWrapper(io.BytesIO()))
+
+    names = ("lightning", "lightning.pytorch", "lightning.fabric")
+    loggers, root = [logging.getLogger(n) for n in names], logging.getLogger()
+    saved = [(lg.handlers, lg.propagate) for lg in loggers], root.handlers
+    consoles = [logging.StreamHandler(io.StringIO()) for _ in names]
+    try:
+        for lg, console in zip(loggers, consoles):
+            lg.handlers = [console]
+        loggers[1].propagate = False  # as lightning.pytorch does when imported before the root had handlers
+        root.handlers = []  # no Hydra job logging: Lightning keeps its own
+        setup_console()
+        assert [lg.handlers for lg in loggers] == [[c] for c in consoles]
+        hydra_console = io.StringIO()
+        root.handlers = [logging.StreamHandler(hydra_console)]
+        setup_console()
+        assert all(lg.handlers == [] and lg.propagate for lg in loggers)
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info("GPU available: False, used: False")
+        assert hydra_console.getvalue() == "GPU available: False, used: False\n"
+        assert all(c.stream.getvalue() == "" for c in consoles)
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved[0]):
+            lg.handlers, lg.propagate = handlers, propagate
+        root.handlers = saved[1]
 
 
 def test_the_progress_bar_knob_is_checked_before_any_work():
