@@ -18,13 +18,13 @@ import shutil
 from dataclasses import asdict, dataclass, field
 
 import torch
-from rich.progress import Progress
 
 from stepopsd.envs.alfworld.demos import DEMO_FORMAT, DemoOptions, export_demos
 from stepopsd.envs.alfworld.env import load_tasks
 from stepopsd.hindsight import hindsight_text
 from stepopsd.policy.tiny import build_tiny_policy, count_parameters
 from stepopsd.policy.tokenizer import train_word_tokenizer
+from stepopsd.progress import Progress
 from stepopsd.rollout import encode_prompt
 
 
@@ -100,9 +100,9 @@ def train_sft(model, examples: list[tuple[list[int], int]], cfg: TinySFTConfig, 
     model.train()
     total = cfg.epochs * ((len(examples) + cfg.batch_size - 1) // cfg.batch_size)
     last = float("nan")
-    with Progress(disable=not progress, transient=True) as bar:
-        job = bar.add_task("SFT warm start of the tiny policy [generated demos]", total=total)
-        for _ in range(cfg.epochs):
+    with Progress("sft", total, "batch", description="SFT warm start of the tiny policy [generated demos]",
+                  enabled=progress) as bar:
+        for epoch in range(cfg.epochs):
             losses = []
             lengths = [len(ids) for ids, _ in examples]
             for batch in length_buckets(lengths, cfg.batch_size, rng, pool=16 if cfg.bucket_by_length else 1):
@@ -121,7 +121,7 @@ def train_sft(model, examples: list[tuple[list[int], int]], cfg: TinySFTConfig, 
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 losses.append(loss.item())
-                bar.advance(job)
+                bar.advance(epoch=f"{epoch + 1}/{cfg.epochs}", loss=sum(losses) / len(losses))
             last = sum(losses) / len(losses)
     model.eval()
     return last

@@ -16,18 +16,19 @@ import os
 import lightning as L
 import optuna
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
-from stepopsd.errors import UserError
 from stepopsd.callbacks.preemption import Preemption
+from stepopsd.callbacks.progress import PROGRESS_BARS, progress_bar
 from stepopsd.callbacks.rescoring import TeacherRescoring
+from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
 from stepopsd.checkpoints import (AtomicCheckpointIO, check_compatible, last_good_checkpoint, read_checkpoint, remove_torn,
                                   steps_done, trim_metrics)
-from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
 from stepopsd.data.datamodule import RolloutDataModule
+from stepopsd.errors import UserError
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.tasks import SPLITS
 from stepopsd.hindsight import alfworld_peer_lines
@@ -39,6 +40,7 @@ from stepopsd.policy.backends.vllm import VLLMBackend, VLLMConfig, check_unfilte
 from stepopsd.policy.loading import DTYPES, TASK_VOCAB, load_policy, load_tokenizer, random_policy, task_tokenizer
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
+from stepopsd.progress import setup_console
 from stepopsd.rollout import RolloutConfig
 from stepopsd.sft import TinySFTConfig, ensure_tiny_policy
 from stepopsd.sweep import check_metric, metric_name, objective, trial_reporter
@@ -67,6 +69,8 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
                           "trainer=fsdp: a folder)")
     if cfg.callbacks.checkpoint_every < 0:
         raise ConfigError(f"callbacks.checkpoint_every={cfg.callbacks.checkpoint_every}: use 0 (end only) or N >= 1")
+    if cfg.callbacks.progress_bar not in PROGRESS_BARS:
+        raise ConfigError(f"callbacks.progress_bar={cfg.callbacks.progress_bar}: use one of {', '.join(PROGRESS_BARS)}")
     e = cfg.env
     if e.max_steps < 1 or e.history_length < 0:
         raise ConfigError(f"env.max_steps={e.max_steps}, env.history_length={e.history_length}: need >= 1 and >= 0")
@@ -357,6 +361,7 @@ def peer_lines(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> float:
     ppo, method, rollout_cfg = check_config(cfg)
+    setup_console()  # Lightning's log lines once (Hydra's console and file); stdout line-buffered in batch logs
     L.seed_everything(cfg.seed, workers=True)
     with rank_zero_first("the data"):  # torchrun / srun: rank 0 writes data.path, the other ranks then read it
         data = prepare_data(cfg)
@@ -403,7 +408,7 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
                  ModelCheckpoint(dirpath=checkpoints, filename="step{train_step:04.0f}",
                                  auto_insert_metric_name=False, every_n_epochs=every, save_top_k=cfg.callbacks.keep_checkpoints,
                                  save_last=True, save_on_train_epoch_end=True),
-                 RichProgressBar() if cfg.callbacks.progress_bar == "rich" else TQDMProgressBar()]
+                 progress_bar(cfg.callbacks.progress_bar)]
     if method is not None:
         callbacks.insert(1, TeacherRescoring(method, tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg),
                                              micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))

@@ -12,6 +12,7 @@ from typing import Callable
 import lightning as L
 import torch
 
+from stepopsd.callbacks.progress import PlainProgressBar
 from stepopsd.rollout import RolloutConfig, rollout
 from stepopsd.types import Task
 
@@ -80,6 +81,10 @@ class RolloutValidation(L.Callback):
         names = list(self.splits)
         types = sorted({t.task_type for t in self.tasks})
         won, seen = torch.zeros(len(names), len(types)), torch.zeros(len(names), len(types))
+        bar = getattr(trainer, "progress_bar_callback", None)
+        bar = bar if isinstance(bar, PlainProgressBar) else None
+        if bar is not None:  # batch logs: a line at the start and the end
+            bar.validation_start(step, {name: len(tasks) for name, tasks in self.splits.items()}, self.cfg.group_size)
         # as training rollouts (`RolloutDataModule.generation`): the trainer's compute precision, the current
         # weights; under FSDP the full weights are gathered by every rank, also one without validation tasks
         with dm.generation(trainer) as backend:
@@ -98,6 +103,9 @@ class RolloutValidation(L.Callback):
                         for j, kind in enumerate(types) if seen[i, j] > 0}
             self.histories[name].append((step, success))
         self.records.append((step, metrics))
+        if bar is not None:
+            bar.validation_end(step, [f"{name} {self.metric} {self.histories[name][-1][1]:.3f} "
+                                      f"({won[i].sum():.0f}/{seen[i].sum():.0f})" for i, name in enumerate(names)])
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=step)
         if self.report is not None and self.report(step, metrics):

@@ -17,9 +17,10 @@ import sys
 from dataclasses import dataclass
 
 from stepopsd.envs.alfworld.env import DataNotFoundError, load_tasks
-from stepopsd.envs.alfworld.expert import ExpertEpisode, play_experts
+from stepopsd.envs.alfworld.expert import ExpertEpisode, iter_experts
 from stepopsd.envs.alfworld.prompts import format_response, render_prompt
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY
+from stepopsd.progress import Progress
 from stepopsd.types import Task
 
 
@@ -71,8 +72,13 @@ def _expert_of(task: Task) -> str:
 
 def export_demos(tasks: list[Task], out: str, opts: DemoOptions, workers: int | None = None) -> dict:
     """Play every task once with the expert and write the JSONL dataset; returns counts."""
-    episodes = play_experts([(t.source, {"max_steps": opts.max_steps, "epsilon": opts.epsilon, "expert": _expert_of(t),
-                                         "seed": opts.seed * 100003 + i}) for i, t in enumerate(tasks)], workers)
+    jobs = [(t.source, {"max_steps": opts.max_steps, "epsilon": opts.epsilon, "expert": _expert_of(t),
+                        "seed": opts.seed * 100003 + i}) for i, t in enumerate(tasks)]
+    episodes = []
+    with Progress("demos", len(jobs), "episode", description="Expert demonstrations") as bar:
+        for ep in iter_experts(jobs, workers):
+            episodes.append(ep)
+            bar.advance(won=sum(e.won for e in episodes))
     per_task = [episode_records(t, ep, opts) if (ep.won or opts.keep_failed) else [] for t, ep in zip(tasks, episodes)]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = out + ".tmp"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from stepopsd.envs.alfworld.engine import AlfWorldEngine
@@ -66,18 +67,25 @@ def _play_job(job: tuple[str, dict]) -> ExpertEpisode:
     return play_expert(gamefile, **kwargs)
 
 
-def play_experts(jobs: list[tuple[str, dict]], workers: int | None = None) -> list[ExpertEpisode]:
-    """`play_expert(gamefile, **kwargs)` for every (gamefile, kwargs) job, in parallel, in order.
+def iter_experts(jobs: list[tuple[str, dict]], workers: int | None = None) -> Iterator[ExpertEpisode]:
+    """`play_expert(gamefile, **kwargs)` for every (gamefile, kwargs) job, in parallel, yielded in job order
+    as they finish (progress lines can follow them).
 
     Runs in freshly spawned processes with PYTHONHASHSEED=0 so the hand-coded expert, which
     iterates over sets of names, plays the same moves on every run and every machine."""
     saved = os.environ.get("PYTHONHASHSEED")
     os.environ["PYTHONHASHSEED"] = "0"
-    try:
-        with mp.get_context("spawn").Pool(workers or os.cpu_count() or 1) as pool:
-            return pool.map(_play_job, jobs, chunksize=1)
+    try:  # the workers start here, with that environment
+        pool = mp.get_context("spawn").Pool(workers or os.cpu_count() or 1)
     finally:
         if saved is None:
             del os.environ["PYTHONHASHSEED"]
         else:
             os.environ["PYTHONHASHSEED"] = saved
+    with pool:
+        yield from pool.imap(_play_job, jobs, chunksize=1)
+
+
+def play_experts(jobs: list[tuple[str, dict]], workers: int | None = None) -> list[ExpertEpisode]:
+    """All of `iter_experts`, as a list."""
+    return list(iter_experts(jobs, workers))

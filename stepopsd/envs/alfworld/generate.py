@@ -27,8 +27,9 @@ import alfworld
 import alfworld.gen.goal_library as goal_library
 
 from stepopsd.envs.alfworld import scenes
-from stepopsd.envs.alfworld.expert import play_experts
+from stepopsd.envs.alfworld.expert import iter_experts
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SPLITS, TASK_TYPES, resolve_task_types
+from stepopsd.progress import Progress
 
 DATA = os.path.join(os.path.dirname(alfworld.__file__), "data")
 GENERATOR_VERSION = 1
@@ -267,44 +268,46 @@ def make_games(out: str, seed: int = 0, *, train_per_type: int = 20, valid_per_t
     want = {(s, t): (train_per_type if s == "train" else valid_per_type) for s in SPLITS for t in types}
     report = GenerationReport(seed)
     next_attempt = {k: 0 for k in want}
-    while True:
-        todo = {k: n - report.accepted.get(k[0], {}).get(k[1], 0) for k, n in want.items()}
-        todo = {k: n for k, n in todo.items() if n > 0}
-        if not todo:
-            break
-        batch = []
-        for key, missing in todo.items():
-            if next_attempt[key] >= max_attempts_per_game * want[key]:
-                raise RuntimeError(f"could not generate {want[key]} solvable {key[1]} games for {key[0]} in "
-                                   f"{next_attempt[key]} attempts; widen --max-plan or lower the count")
-            for _ in range(missing + 1):
-                spec = sample_game(key[0], key[1], seed, next_attempt[key])
-                next_attempt[key] += 1
-                if spec is None:
-                    report.reject("no_scene_fit")
-                else:
-                    batch.append(spec)
-        paths = [write_game(spec, staging) for spec in batch]
-        # The hand-coded expert searches as an agent must (goes, opens, looks): its step count is a
-        # realistic plan length, and it is pure Python (no planner search that can blow up).
-        episodes = play_experts([(p, {"seed": spec.attempt, "max_steps": 50}) for p, spec in zip(paths, batch)], workers)
-        for spec, path, ep in zip(batch, paths, episodes):
-            steps = len(ep.steps)
-            if not ep.won:
-                report.reject("expert_error" if ep.error else "unsolved")
-            elif not min_plan <= steps <= max_plan:
-                report.reject("plan_too_short" if steps < min_plan else "plan_too_long")
-            elif report.accepted.setdefault(spec.split, {}).get(spec.task_type, 0) < want[(spec.split, spec.task_type)]:
-                report.accepted[spec.split][spec.task_type] = report.accepted[spec.split].get(spec.task_type, 0) + 1
-                report.plan_lengths.setdefault(spec.task_type, []).append(steps)
-                _record_expert(path, "handcoded", steps)
-                final = os.path.join(root, spec.split, spec.task_folder, spec.trial)
-                shutil.rmtree(final, ignore_errors=True)
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                shutil.move(os.path.dirname(path), final)
-        shutil.rmtree(staging, ignore_errors=True)
-        log(f"[generated games] accepted {sum(sum(v.values()) for v in report.accepted.values())}"
-            f"/{sum(want.values())}, rejected {sum(report.rejected.values())}")
+    with Progress("games", sum(want.values()), "accepted", description="Generating games [generated]") as bar:
+        while True:
+            todo = {k: n - report.accepted.get(k[0], {}).get(k[1], 0) for k, n in want.items()}
+            todo = {k: n for k, n in todo.items() if n > 0}
+            if not todo:
+                break
+            batch = []
+            for key, missing in todo.items():
+                if next_attempt[key] >= max_attempts_per_game * want[key]:
+                    raise RuntimeError(f"could not generate {want[key]} solvable {key[1]} games for {key[0]} in "
+                                       f"{next_attempt[key]} attempts; widen --max-plan or lower the count")
+                for _ in range(missing + 1):
+                    spec = sample_game(key[0], key[1], seed, next_attempt[key])
+                    next_attempt[key] += 1
+                    if spec is None:
+                        report.reject("no_scene_fit")
+                    else:
+                        batch.append(spec)
+            paths = [write_game(spec, staging) for spec in batch]
+            # The hand-coded expert searches as an agent must (goes, opens, looks): its step count is a
+            # realistic plan length, and it is pure Python (no planner search that can blow up).
+            jobs = [(p, {"seed": spec.attempt, "max_steps": 50}) for p, spec in zip(paths, batch)]
+            for ep, spec, path in zip(iter_experts(jobs, workers), batch, paths):  # progress as games are checked
+                steps = len(ep.steps)
+                if not ep.won:
+                    report.reject("expert_error" if ep.error else "unsolved")
+                elif not min_plan <= steps <= max_plan:
+                    report.reject("plan_too_short" if steps < min_plan else "plan_too_long")
+                elif report.accepted.setdefault(spec.split, {}).get(spec.task_type, 0) < want[(spec.split, spec.task_type)]:
+                    report.accepted[spec.split][spec.task_type] = report.accepted[spec.split].get(spec.task_type, 0) + 1
+                    report.plan_lengths.setdefault(spec.task_type, []).append(steps)
+                    _record_expert(path, "handcoded", steps)
+                    final = os.path.join(root, spec.split, spec.task_folder, spec.trial)
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    shutil.move(os.path.dirname(path), final)
+                bar.update(sum(sum(v.values()) for v in report.accepted.values()), rejected=sum(report.rejected.values()))
+            shutil.rmtree(staging, ignore_errors=True)
+            log(f"[generated games] accepted {sum(sum(v.values()) for v in report.accepted.values())}"
+                f"/{sum(want.values())}, rejected {sum(report.rejected.values())}")
     with open(os.path.join(root, "generation_report.json"), "w") as f:
         json.dump(asdict(report), f, indent=2, sort_keys=True)
     return report

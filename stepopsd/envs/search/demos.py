@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from stepopsd.envs.search.corpus import Retriever
 from stepopsd.envs.search.env import SearchEnv
 from stepopsd.envs.search.generate import expert_steps
+from stepopsd.progress import Progress
 from stepopsd.types import Task
 
 
@@ -42,17 +43,20 @@ def search_demos(tasks: list[Task], retriever: Retriever, *, compact: bool, hist
     """One {prompt, response} record per expert step of every correctly answered question."""
     meta = _metadata(tasks)
     env = SearchEnv(retriever, max_steps=max_steps, history_length=history_length, compact=compact)
-    records = []
-    for task in tasks:
-        env.reset([task], 1)
-        episode = []
-        for think, action in expert_steps(meta[task.task_id], task.answers)[:max_steps]:
-            prompt, response = env.prompt(0), format_response(think, action)
-            episode.append({"task_id": task.task_id, "task_type": task.task_type, "data": task.data_label,
-                            "prompt": prompt, "response": response})
-            transition = env.step({0: response})[0]
-            if transition.state.done:
-                break
-        if env.states[0].won:
-            records += episode
+    records, won = [], 0
+    with Progress("demos", len(tasks), "question", description="Expert demonstrations") as bar:
+        for task in tasks:
+            env.reset([task], 1)
+            episode = []
+            for think, action in expert_steps(meta[task.task_id], task.answers)[:max_steps]:
+                prompt, response = env.prompt(0), format_response(think, action)
+                episode.append({"task_id": task.task_id, "task_type": task.task_type, "data": task.data_label,
+                                "prompt": prompt, "response": response})
+                transition = env.step({0: response})[0]
+                if transition.state.done:
+                    break
+            if env.states[0].won:
+                records += episode
+                won += 1
+            bar.advance(won=won)
     return records

@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from stepopsd.envs.search.corpus import passage_line
 from stepopsd.envs.search.data import GENERATED_KEY, GENERATED_MULTIHOP, GENERATED_SINGLEHOP
+from stepopsd.progress import Progress
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "test")
@@ -357,21 +358,23 @@ def make_qa(out: str, seed: int = 0, *, num_entities: int = 300, train_questions
             f.write(passage_line(str(i), title, body) + "\n")
     report = QAReport(seed, {k: len(v) for k, v in world.items()},
                       sum(e.distractor for es in world.values() for e in es), len(passages))
-    for split in SPLITS:
-        cands = _candidates(world, chosen[split], pid, text)
-        n_multi = wanted[split] // 2
-        single = _pick(rng, {k: v for k, v in cands.items() if k in REL}, wanted[split] - n_multi, f"{split} single-hop")
-        multi = _pick(rng, {k: v for k, v in cands.items() if k in MULTI}, n_multi, f"{split} two-hop")
-        rows = single + multi
-        rng.shuffle(rows)
-        for q in rows:
-            if _mentions(q["question"], q["answer"]):  # by construction names are unique: never happens
-                raise AssertionError(f"answer {q['answer']!r} in question {q['question']!r}")
-        _write_split(os.path.join(out, f"{split}.parquet"), split, rows, seed)
-        report.questions[split] = {GENERATED_SINGLEHOP: len(single), GENERATED_MULTIHOP: len(multi)}
-        report.relations[split] = {}
-        for q in rows:
-            report.relations[split][q["relation"]] = report.relations[split].get(q["relation"], 0) + 1
+    with Progress("questions", sum(wanted.values()), "question", description="Generating questions [generated]") as bar:
+        for split in SPLITS:
+            cands = _candidates(world, chosen[split], pid, text)
+            n_multi = wanted[split] // 2
+            single = _pick(rng, {k: v for k, v in cands.items() if k in REL}, wanted[split] - n_multi, f"{split} single-hop")
+            multi = _pick(rng, {k: v for k, v in cands.items() if k in MULTI}, n_multi, f"{split} two-hop")
+            rows = single + multi
+            rng.shuffle(rows)
+            for q in rows:
+                if _mentions(q["question"], q["answer"]):  # by construction names are unique: never happens
+                    raise AssertionError(f"answer {q['answer']!r} in question {q['question']!r}")
+            _write_split(os.path.join(out, f"{split}.parquet"), split, rows, seed)
+            report.questions[split] = {GENERATED_SINGLEHOP: len(single), GENERATED_MULTIHOP: len(multi)}
+            report.relations[split] = {}
+            for q in rows:
+                report.relations[split][q["relation"]] = report.relations[split].get(q["relation"], 0) + 1
+            bar.advance(len(rows))
     report.seconds = time.perf_counter() - start
     return report
 
