@@ -10,8 +10,9 @@ hook is one dictionary lookup.
         rescore   inside the teacher's rescoring, before the advantages are written back
         update    after the first micro-batch's backward, before the optimizer step
         save      inside the checkpoint write of that step, the new file half written
-    STEPOPSD_TEST_ENV_FAULTS=crash:<p>,hang:<p>   every batch of env steps a worker runs crashes that
-        worker (the process exits) with probability p, or hangs it past its step timeout with probability p
+    STEPOPSD_TEST_ENV_FAULTS=crash:<p>,hang:<p>   every batch an env worker runs (resets and steps) crashes
+        that worker (the process exits) with probability p; a batch of steps hangs it past its timeout with
+        probability p
 """
 from __future__ import annotations
 
@@ -66,13 +67,13 @@ def env_faults() -> dict[str, float]:
 _rng = random.Random()  # one stream per worker process (seeded by the OS)
 
 
-def maybe_fail_worker(hang_seconds: float = 3600.0) -> None:
-    """In an env worker, before it runs a batch: crash or hang it as STEPOPSD_TEST_ENV_FAULTS says."""
+def maybe_fail_worker(hang: bool = True, hang_seconds: float = 3600.0) -> None:
+    """In an env worker, before it runs a batch: crash it, or (`hang`) hang it, as STEPOPSD_TEST_ENV_FAULTS says."""
     faults = env_faults()
     if not faults:
         return
     u = _rng.random()
     if u < faults.get("crash", 0.0):
         os._exit(70)  # what a segfaulting engine looks like to the parent: EOF on the pipe
-    if u < faults.get("crash", 0.0) + faults.get("hang", 0.0):
+    if hang and u < faults.get("crash", 0.0) + faults.get("hang", 0.0):
         time.sleep(hang_seconds)  # the parent's deadline kills and replaces this worker

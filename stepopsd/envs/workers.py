@@ -113,8 +113,7 @@ def _worker_main(conn, factory: Callable[[], Engine]) -> None:
             op = "close"
         if op == "close":
             return _drop_engines(engines)
-        if op == "step":
-            maybe_fail_worker()  # tests only (STEPOPSD_TEST_ENV_FAULTS): crash or hang here
+        maybe_fail_worker(hang=op == "step")  # tests only (STEPOPSD_TEST_ENV_FAULTS): crash or hang here
         results = _run_batch(engines, factory, op, items)
         try:
             conn.send(results)
