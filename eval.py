@@ -15,4 +15,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from stepopsd.errors import hydra_entry
+
+    hydra_entry(main, "eval.py")

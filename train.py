@@ -17,4 +17,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from stepopsd.errors import hydra_entry
+
+    hydra_entry(main, "train.py")

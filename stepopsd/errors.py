@@ -26,6 +26,43 @@ def debug() -> bool:
     return os.environ.get("STEPOPSD_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
+def one_line(message: str) -> str:
+    """A multi-line library message (Hydra's) as one line: an indented list after a `...:` line becomes a comma
+    list, OmegaConf's `full_key:` / `object_type=` detail and Hydra's search path and trace hint are dropped."""
+    parts: list[str] = []
+    for raw in str(message).split("Config search path:")[0].splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("full_key:", "object_type=", "reference_type=", "Set the environment variable")):
+            continue
+        if parts and raw[:1] == "\t" and (parts[-1].endswith(":") or parts[-1].endswith(",")):
+            parts[-1] += f" {line},"
+        else:
+            parts.append(line)
+    text = ""
+    for part in (p.rstrip(",") for p in parts):
+        text += part if not text else (" " if text.endswith((".", ":")) else "; ") + part
+    return " ".join(text.split())
+
+
+def hydra_entry(main, prog: str) -> None:
+    """Run a `@hydra.main` entry point so that Hydra's own errors (an unknown experiment or group option, a
+    misspelt key, a malformed override) and user errors raised outside the task function (a bad sweep config)
+    are one line too, `<prog>: error: ...` with exit status 2. STEPOPSD_DEBUG=1 or HYDRA_FULL_ERROR=1: the
+    full traceback, as Hydra gives it."""
+    from hydra.errors import HydraException
+
+    verbose = debug() or os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its page; the line is printed here
+    try:
+        main()
+    except (HydraException, UserError) as e:
+        if verbose:
+            raise
+        cause = f" ({one_line(e.__cause__)})" if isinstance(e, HydraException) and e.__cause__ is not None else ""
+        print(f"{prog}: error: {one_line(e)}{cause}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 @contextlib.contextmanager
 def main_guard(prog: str, *, reraise: bool = False):
     """Around an entry point's body: a `UserError` becomes `<prog>: error: <line>` on stderr and exit 2.

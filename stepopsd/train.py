@@ -30,14 +30,15 @@ from stepopsd.checkpoints import (AtomicCheckpointIO, check_compatible, last_goo
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.errors import UserError
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
-from stepopsd.envs.alfworld.tasks import SPLITS
+from stepopsd.envs.alfworld.tasks import SPLITS, resolve_task_types
 from stepopsd.hindsight import alfworld_peer_lines
 from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, world_size_mismatch
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
 from stepopsd.policy.backends.vllm import VLLMBackend, VLLMConfig, check_unfiltered, import_vllm
-from stepopsd.policy.loading import DTYPES, TASK_VOCAB, load_policy, load_tokenizer, random_policy, task_tokenizer
+from stepopsd.policy.loading import (DTYPES, TASK_VOCAB, is_hub_id, load_policy, load_tokenizer, random_policy,
+                                     task_tokenizer)
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
 from stepopsd.progress import setup_console
@@ -79,6 +80,12 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
     if e.name == "search" and not e.retriever.start_server and not e.retriever.url:
         raise ConfigError("env.retriever.url is empty: point it at a Search-R1 retriever or set env.retriever.start_server=true")
     check_splits(cfg, cfg.data.val_splits, "data.val_splits")
+    if cfg.env.name != "search":
+        for key in ("task_types", "val_task_types"):
+            try:
+                resolve_task_types(cfg.data[key])
+            except ValueError as err:
+                raise ConfigError(f"data.{key}: {err}") from None
     if cfg.optimized_last_k < 1:
         raise ConfigError(f"optimized_last_k={cfg.optimized_last_k}: the objective is the mean of the last K >= 1 validations")
     if cfg.val_tasks is not None and cfg.val_tasks < 1:
@@ -86,6 +93,7 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
     if cfg.algorithm.name not in ("grpo", "stepopsd"):
         raise ConfigError(f"algorithm={cfg.algorithm.name!r}: use algorithm=grpo or algorithm=stepopsd")
     check_precision(cfg)
+    check_model(cfg)
     if cfg.algorithm.name == "stepopsd" and cfg.algorithm.teacher.micro_batch_rows < 1:
         raise ConfigError(f"algorithm.teacher.micro_batch_rows={cfg.algorithm.teacher.micro_batch_rows}: need >= 1")
     r = cfg.rollout
@@ -217,9 +225,53 @@ def resume_from(cfg: DictConfig) -> tuple[str | None, int]:
     return path, steps
 
 
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
+
+
+def check_model(cfg: DictConfig) -> None:
+    """A local model or tokenizer folder is checked before any data or policy work: it exists, its tokenizer
+    loads, has an eos token (generation stops at it) and, with model.chat_template=true, a chat template.
+    A hub id is left to the loader (it may be cached or downloadable)."""
+    m = cfg.model
+    if m.kind == "tiny":
+        return
+    folder = m.tokenizer if m.get("init") == "random" else m.name_or_path
+    if not folder:
+        return
+    path = os.path.expanduser(str(folder))
+    if not os.path.isdir(path):
+        if m.get("init") == "random" or not is_hub_id(str(folder)):
+            raise ConfigError(f"model {'tokenizer' if m.get('init') == 'random' else 'name_or_path'}={folder}: no such "
+                              "folder (and not a hub id of the form owner/name)")
+        return
+    tokenizer = load_tokenizer(path)  # PolicyError (one line) when the folder holds no tokenizer
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"the tokenizer in {folder} has no eos token: set eos_token in its tokenizer_config.json "
+                          "(generation stops at it)")
+    if m.chat_template and not tokenizer.chat_template:
+        raise ConfigError(f"the tokenizer in {folder} has no chat template: add one (chat_template.jinja) or set "
+                          "model.chat_template=false to feed plain prompts")
+
+
 def check_launch(cfg: DictConfig) -> None:
     """Strategy, devices and nodes against how the processes were started (stepopsd/launch.py, experiments/launch/)."""
     t = cfg.trainer
+    if str(t.accelerator) not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={t.accelerator}: StepOPSD runs on {', '.join(ACCELERATORS)} "
+                          "(machine=cpu for the CPU)")
+    gpus = torch.cuda.device_count()
+    if str(t.accelerator) in ("gpu", "cuda") and not gpus:
+        raise ConfigError(f"trainer.accelerator={t.accelerator} but no CUDA GPU is visible: add machine=cpu, or check "
+                          "CUDA_VISIBLE_DEVICES and the driver")
+    devices = t.devices
+    if not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1)
+            or (OmegaConf.is_list(devices) and all(isinstance(d, int) for d in devices))):
+        raise ConfigError(f"trainer.devices={devices}: give a count >= 1, a list of device indices, or auto")
+    if str(t.accelerator) in ("gpu", "cuda") and isinstance(devices, int) and devices > gpus and launch() is None:
+        raise ConfigError(f"trainer.devices={devices} but {gpus} GPU(s) are visible on this node: lower it "
+                          "(per node: trainer.num_nodes counts nodes)")
+    if not isinstance(t.num_nodes, int) or t.num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={t.num_nodes}: give the number of nodes (>= 1)")
     strategy = str(t.strategy if isinstance(t.strategy, str) else t.strategy.get("_target_", "")).lower()
     if "fsdp" in strategy:  # Lightning's FSDPStrategy (FSDP1), e.g. trainer.strategy=fsdp
         raise ConfigError(f"trainer.strategy={strategy}: Lightning's FSDPStrategy cannot run GRPOModule's PPO backward "

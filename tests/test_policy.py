@@ -12,7 +12,7 @@ import torch
 
 from stepopsd.envs.alfworld.prompts import action_span, format_response, render_prompt
 from stepopsd.policy.backends import Generation, HFBackend, SamplingParams
-from stepopsd.policy.loading import is_hub_id, load_policy
+from stepopsd.policy.loading import PolicyError, is_hub_id, load_policy
 from stepopsd.policy.logprobs import left_align, sequence_logprobs, tail_logprobs, tail_width
 from stepopsd.policy.tiny import build_tiny_policy, count_parameters, tiny_qwen3_config
 from stepopsd.policy.tokenizer import CHAT_TEMPLATE, PROTOCOL_TAGS, SPECIAL_TOKENS, train_word_tokenizer
@@ -184,7 +184,7 @@ def test_load_policy_pad_falls_back_to_eos(tok, tiny, tmp_path):
 
 def test_load_policy_missing_path_is_one_line(tmp_path):
     missing = str(tmp_path / "no" / "such" / "policy")
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(PolicyError) as err:  # a user error: the entry points print it as one line
         load_policy(missing)
     assert missing in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ValueError, match="dtype='int8'"):

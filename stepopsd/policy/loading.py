@@ -24,6 +24,12 @@ import re
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from stepopsd.errors import UserError
+
+class PolicyError(UserError, OSError):
+    """A model or tokenizer that cannot be used: missing, unloadable, or without what training needs."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # A hub id: `name` or `owner/name`, letters, digits, `-`, `_`, `.`; no leading `.`/`-`, no `--`/`..`.
@@ -45,20 +51,21 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu
     elif is_hub_id(name_or_path):
         source = name_or_path
     else:
-        raise FileNotFoundError(f"policy {name_or_path!r}: no such folder, and not a hub id of the form owner/name")
+        raise PolicyError(f"policy {name_or_path!r}: no such folder, and not a hub id of the form owner/name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         where = "local folder" if local else "hub id"
         detail = " ".join(str(err).split())[:300]
-        raise OSError(f"policy {name_or_path!r} ({where}) could not be loaded: {detail}") from None
+        raise PolicyError(f"policy {name_or_path!r} ({where}) could not be loaded: {detail}") from None
     model.to(device).eval()
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"policy {name_or_path!r}: the tokenizer has neither a pad nor an eos token")
+            raise PolicyError(f"policy {name_or_path!r}: the tokenizer has neither a pad nor an eos token: set eos_token "
+                              "in its tokenizer_config.json (generation stops at it)")
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -70,7 +77,7 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=False)
     except (OSError, ValueError) as err:
-        raise OSError(f"tokenizer {path!r} could not be loaded: {' '.join(str(err).split())[:200]}") from None
+        raise PolicyError(f"tokenizer {path!r} could not be loaded: {' '.join(str(err).split())[:200]}") from None
     tokenizer.padding_side = "left"
     return tokenizer
 

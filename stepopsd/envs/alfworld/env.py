@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 from stepopsd.envs.alfworld.engine import AlfWorldEngine
 from stepopsd.errors import UserError
 from stepopsd.envs.alfworld.prompts import action_span, parse_action, render_prompt, step_reward
-from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SPLITS, TASK_TYPES, resolve_task_types, task_type_of
+from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SHORT_NAMES, SPLITS, TASK_TYPES, resolve_task_types, task_type_of
 from stepopsd.envs.workers import EnvWorkerPool
 from stepopsd.envs.slots import SlotEnv
 from stepopsd.types import EnvState, Task, Transition
@@ -33,6 +33,10 @@ INVALID_HISTORY_ACTION = "(no valid action)"  # how an invalid step shows in lat
 
 class DataNotFoundError(UserError, FileNotFoundError):
     """No ALFWorld games where the config points."""
+
+
+class BadGameError(UserError, ValueError):
+    """A game folder whose files are truncated, corrupt or not ALFWorld's."""
 
 
 def data_root(path: str | None = None) -> str:
@@ -66,10 +70,13 @@ def load_tasks(path: str | None = None, split: str = "train", task_types=None, l
             continue
         if short not in types:
             continue
-        with open(os.path.join(dirpath, "traj_data.json")) as f:
-            traj = json.load(f)
+        traj = _read_json(os.path.join(dirpath, "traj_data.json"))
+        if SHORT_NAMES.get(traj.get("task_type")) != short:
+            raise BadGameError(f"{os.path.join(dirpath, 'traj_data.json')}: task_type {traj.get('task_type')!r} does not "
+                               f"match its folder ({TASK_TYPES[short]}): not an ALFWorld game; re-download the data or "
+                               "regenerate the games into an empty folder")
         gamefile = os.path.join(dirpath, "game.tw-pddl")
-        if not _solvable(gamefile):
+        if not _read_json(gamefile).get("solvable", False):  # written by ALFWorld's own check
             continue
         rel = os.path.relpath(dirpath, os.path.join(root, "json_2.1.1"))
         tasks.append(Task(rel, short, gamefile, split, GENERATED_KEY in traj))
@@ -81,10 +88,18 @@ def load_tasks(path: str | None = None, split: str = "train", task_types=None, l
     return tasks[:limit] if limit else tasks
 
 
-def _solvable(gamefile: str) -> bool:
-    # official files are ~40 KB JSON with `solvable` written by ALFWorld's own check
-    with open(gamefile) as f:
-        return bool(json.load(f).get("solvable", False))
+def _read_json(path: str) -> dict:
+    """A game folder's JSON file (traj_data.json, game.tw-pddl); a one-line `BadGameError` naming it when it
+    is truncated or not JSON."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadGameError(f"{path} is not valid JSON ({e}): the file is truncated or corrupt; re-download the data "
+                           "(alfworld-download) or regenerate the games") from None
+    if not isinstance(data, dict):
+        raise BadGameError(f"{path} holds a JSON {type(data).__name__}, not an object: not an ALFWorld game file")
+    return data
 
 
 class AlfWorldEnv(SlotEnv):
