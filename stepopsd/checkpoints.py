@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import os
@@ -109,7 +110,8 @@ def remove_torn(run_dir: str) -> int:
     """Delete the temporary files of checkpoint writes a killed process left behind; returns how many."""
     torn = glob.glob(os.path.join(run_dir, "checkpoints", ".*.tmp-*"))
     for path in torn:
-        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):  # another rank of the launch was first
+            os.remove(path)
     return len(torn)
 
 

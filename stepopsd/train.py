@@ -25,7 +25,7 @@ from stepopsd.callbacks.preemption import Preemption
 from stepopsd.callbacks.progress import PROGRESS_BARS, progress_bar
 from stepopsd.callbacks.rescoring import TeacherRescoring
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
-from stepopsd.checkpoints import (AtomicCheckpointIO, check_compatible, last_good_checkpoint, read_checkpoint, remove_torn,
+from stepopsd.checkpoints import (AtomicCheckpointIO, CheckpointError, check_compatible, last_good_checkpoint, read_checkpoint, remove_torn,
                                   steps_done, trim_metrics)
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.errors import UserError
@@ -208,7 +208,9 @@ def resume_from(cfg: DictConfig) -> tuple[str | None, int]:
     if cfg.ckpt_path is not None:
         if sharded(cfg.trainer):
             return cfg.ckpt_path, 0
-        return cfg.ckpt_path, steps_done(read_checkpoint(cfg.ckpt_path))
+        steps = steps_done(read_checkpoint(cfg.ckpt_path, mmap=True))  # truncated or not a checkpoint: one line
+        check_run_config(cfg, cfg.ckpt_path)
+        return cfg.ckpt_path, steps
     if cfg.get("resume") is None:
         return None, 0
     found = last_good_checkpoint(cfg.paths.output_dir)
@@ -218,11 +220,32 @@ def resume_from(cfg: DictConfig) -> tuple[str | None, int]:
         print("[resume=auto] no earlier run of these overrides with a checkpoint: starting a new run", flush=True)
         return None, 0
     path, steps = found
+    check_run_config(cfg, path)
     remove_torn(cfg.paths.output_dir)
     dropped = trim_metrics(cfg.paths.output_dir, steps)
     print(f"[resume] continuing {cfg.paths.output_dir} from {os.path.basename(path)} ({steps} training steps done; "
           f"{dropped} metric rows logged after it dropped)", flush=True)
     return path, steps
+
+
+RUN_IDENTITY = ("algorithm.name", "model.kind", "model.name_or_path", "model.architecture", "model.vocab_size", "model.arch")
+
+
+def check_run_config(cfg: DictConfig, ckpt_path: str) -> None:
+    """The config of the run that wrote a checkpoint (its `.hydra/config.yaml`, next to `checkpoints/`) against this
+    one, before any data or policy work: another model or algorithm is a one-line error. (Without that file,
+    `check_compatible` compares the weights once the policy is built.)"""
+    saved_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ckpt_path))), ".hydra", "config.yaml")
+    if not os.path.isfile(saved_file):
+        return
+    saved = OmegaConf.load(saved_file)
+    for key in RUN_IDENTITY:
+        ours = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        theirs = OmegaConf.select(saved, key, throw_on_resolution_failure=False)
+        plain = lambda v: OmegaConf.to_container(v, resolve=False) if OmegaConf.is_config(v) else v
+        if plain(ours) != plain(theirs):
+            raise CheckpointError(f"{ckpt_path} was written by a run with {key}={plain(theirs)}, this run has "
+                                  f"{key}={plain(ours)}: resume with the config the checkpoint's run used ({saved_file})")
 
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
@@ -344,6 +367,16 @@ def corpus_path(cfg: DictConfig, data: str) -> str | None:
     return cfg.env.retriever.corpus or os.path.join(data, "corpus.jsonl")
 
 
+def check_services(cfg: DictConfig, data: str) -> None:
+    """Search-QA: the inputs of retrieval, checked before the policy is built (minutes for the tiny one)."""
+    if cfg.env.name != "search":
+        return
+    if cfg.env.retriever.start_server:
+        from stepopsd.envs.search.corpus import check_corpus
+
+        check_corpus(corpus_path(cfg, data))
+
+
 @contextlib.contextmanager
 def retrieval_service(cfg: DictConfig, data: str):
     """Search-QA: the retriever URL for the run, starting `stepopsd-retriever` (BM25) on the corpus
@@ -413,6 +446,7 @@ def peer_lines(cfg: DictConfig):
 
 def train(cfg: DictConfig) -> float:
     ppo, method, rollout_cfg = check_config(cfg)
+    ckpt_path, _ = resume_from(cfg)  # the checkpoint read and checked against this config before any work
     setup_console()  # Lightning's log lines once (Hydra's console and file); stdout line-buffered in batch logs
     L.seed_everything(cfg.seed, workers=True)
     with rank_zero_first("the data"):  # torchrun / srun: rank 0 writes data.path, the other ranks then read it
@@ -424,11 +458,12 @@ def train(cfg: DictConfig) -> float:
     counts = ", ".join(f"{len(v)} {k}" for k, v in val_tasks.items())
     print(f"[{label} data] {len(train_tasks)} training and {counts} validation tasks ({cfg.env.name}); "
           f"algorithm={cfg.algorithm.name}")
+    check_services(cfg, data)  # the corpus a run-owned retriever will serve, or the retriever's URL: before the policy
     with rank_zero_first("the policy"):  # rank 0 builds the tiny policy's cache (or fills the hub cache) first
         policy, tokenizer = build_policy(cfg, data, train_tasks)
     with retrieval_service(cfg, data) as retriever_url:
         return _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer,
-                    env_factory(cfg, retriever_url), label, objective_name)
+                    env_factory(cfg, retriever_url), label, objective_name, ckpt_path)
 
 
 def check_objective(cfg: DictConfig, val_tasks: dict[str, list[Task]]) -> str:
@@ -442,7 +477,8 @@ def check_objective(cfg: DictConfig, val_tasks: dict[str, list[Task]]) -> str:
     return name
 
 
-def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label, objective_name) -> float:
+def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label, objective_name,
+         ckpt_path: str | None = None) -> float:
     datamodule = RolloutDataModule(train_tasks, make_env, backend_factory(cfg), tokenizer, rollout_cfg,
                                    tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed,
                                    max_failed_fraction=cfg.rollout.max_failed_fraction)
@@ -466,7 +502,6 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
                                              micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))
     from hydra.utils import instantiate
 
-    ckpt_path, _ = resume_from(cfg)
     if ckpt_path is not None and not sharded(cfg.trainer):  # another model or algorithm: one line, not a page
         check_compatible(read_checkpoint(ckpt_path, mmap=True), ckpt_path, module, callbacks)
     trainer = L.Trainer(max_epochs=cfg.training_steps, limit_train_batches=1, logger=instantiate(cfg.logger), callbacks=callbacks,

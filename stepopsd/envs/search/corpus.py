@@ -8,8 +8,15 @@ answers `search(queries, topk)` with one list of `Passage` per query, best first
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
+
+from stepopsd.errors import UserError
+
+
+class CorpusError(UserError, ValueError):
+    """A corpus file that is missing or not in the wiki-18.jsonl format."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +48,23 @@ def read_corpus(path: str) -> Iterator[Passage]:
             try:
                 row = json.loads(line)
                 yield Passage(str(row["id"]), row["contents"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{path}:{n}: not a corpus line ({e}); expected JSON with 'id' and 'contents'") from e
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CorpusError(f"{path}:{n}: not a corpus line ({type(e).__name__}: {e}); each line must be JSON with "
+                                  "'id' and 'contents' (wiki-18.jsonl format)") from None
+
+
+def check_corpus(path: str, lines: int = 100) -> None:
+    """The corpus file exists and its first `lines` lines are corpus lines (a cheap check before any work;
+    a full wiki-18 has 21M lines)."""
+    if not os.path.isfile(path):
+        raise CorpusError(f"no corpus at {path}: set env.retriever.corpus to a wiki-18.jsonl-format file, or generate "
+                          "offline data with `stepopsd-make-qa --out DIR`")
+    seen = 0
+    for seen, _ in enumerate(read_corpus(path), 1):
+        if seen >= lines:
+            break
+    if not seen:
+        raise CorpusError(f"{path} holds no passages: point env.retriever.corpus at a wiki-18.jsonl-format file")
 
 
 def passage_line(pid: str, title: str, text: str) -> str:

@@ -41,6 +41,10 @@ class DataNotFoundError(UserError, FileNotFoundError):
     """No Search-QA parquet where the config points."""
 
 
+class DataFormatError(UserError, ValueError):
+    """A parquet file that is not Search-R1's format (columns missing, not parquet)."""
+
+
 def hop_label(data_source: str) -> str:
     """"single-hop" / "multi-hop" for the known data sources, "" otherwise."""
     return SEARCH_R1_SOURCES.get(data_source) or GENERATED_SOURCES.get(data_source, "")
@@ -68,14 +72,18 @@ def load_questions(path: str, split: str = "train", data_sources=None, limit: in
             f"`stepopsd-make-qa --out DIR --seed 0` and pass DIR as the data path")
     if limit is not None and limit < 1:
         raise ValueError(f"limit={limit} must be >= 1 (or None for every row)")
-    schema = pq.read_schema(file)
+    try:
+        schema = pq.read_schema(file)
+    except Exception as e:  # pyarrow.lib.ArrowInvalid: truncated, or not parquet at all
+        raise DataFormatError(f"{file} is not a readable parquet file ({type(e).__name__}: {str(e)[:160]}); "
+                              "regenerate it or prepare it with Search-R1's data scripts") from None
     names = set(schema.names)
     answer_column = "golden_answers" if "golden_answers" in names else "reward_model"
     missing = [c for c in ("question", "data_source") if c not in names]
     if answer_column not in names:
         missing.append("golden_answers (or reward_model)")
     if missing:
-        raise ValueError(f"{file}: missing column(s) {', '.join(missing)}; a Search-R1 parquet needs "
+        raise DataFormatError(f"{file}: missing column(s) {', '.join(missing)}; a Search-R1 parquet needs "
                          f"question, golden_answers (or reward_model.ground_truth.target) and data_source")
     columns = ["question", "data_source", answer_column]
     if answer_column == "golden_answers" and "reward_model" in names:
