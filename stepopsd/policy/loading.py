@@ -41,6 +41,16 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and ".." not in name and "--" not in name and not name.endswith((".", "-"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def check_tokenizer_files(folder: str) -> None:
+    """A local folder must hold a tokenizer: without its files transformers builds an empty one silently."""
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise PolicyError(f"{folder} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save it there with "
+                          "tokenizer.save_pretrained, or point model.tokenizer at a tokenizer folder")
+
+
 def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) for `name_or_path`; model in eval mode on `device`, tokenizer left-padded."""
     if dtype not in DTYPES:
@@ -48,6 +58,7 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu
     local = os.path.isdir(os.path.expanduser(name_or_path))
     if local:
         source = os.path.expanduser(name_or_path)
+        check_tokenizer_files(source)
     elif is_hub_id(name_or_path):
         source = name_or_path
     else:
@@ -74,6 +85,8 @@ def load_policy(name_or_path: str, *, dtype: str = "float32", device: str = "cpu
 
 def load_tokenizer(path: str):
     """A tokenizer folder (e.g. a saved tiny policy's), left-padded; one-line error when it is not one."""
+    if os.path.isdir(os.path.expanduser(path)):
+        check_tokenizer_files(os.path.expanduser(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(path), trust_remote_code=False)
     except (OSError, ValueError) as err:
