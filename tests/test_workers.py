@@ -201,3 +201,19 @@ def test_crash_during_reset_and_worker_killed_between_calls():
         assert _ok(out) == {1: "b:1"} and p.worker_restarts == 2
         p.reset(["a", "b"])
         assert _ok(p.step({0: "go", 1: "go"})) == {0: "a:1", 1: "b:1"}
+
+
+
+def test_injected_faults_reach_the_spawned_workers(monkeypatch):
+    """STEPOPSD_TEST_ENV_FAULTS, the reliability tests' knob: crash:1 exits a worker on its first batch (a reset
+    too); hang:1 hangs a batch of steps past the timeout (never a reset). Either way only its slots fail."""
+    monkeypatch.setenv("STEPOPSD_TEST_ENV_FAULTS", "crash:1.0")
+    with EnvWorkerPool(CounterEngine, 2, step_timeout=1.0) as p:
+        results = p.reset(["a", "b"])
+        assert all(r.failed and "crashed (exit code 70) while resetting" in r.error for r in results)
+    monkeypatch.setenv("STEPOPSD_TEST_ENV_FAULTS", "hang:1.0")
+    with EnvWorkerPool(CounterEngine, 2, step_timeout=1.0) as p:
+        assert [r.payload for r in p.reset(["a", "b"])] == ["a:0", "b:0"]
+        out = p.step({0: "go", 1: "go"})
+        assert all(r.failed and r.error.startswith("step timed out after 1.0 s") for r in out.values())
+        assert p.worker_restarts == 2
