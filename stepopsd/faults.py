@@ -4,8 +4,8 @@ They let a test kill a real run at a chosen point, or make its environment worke
 run resumes exactly (`stepopsd/checkpoints.py`) or survives (`rollout/failed_trajectories`). Unset, every
 hook is one dictionary lookup.
 
-    STEPOPSD_TEST_KILL_AT=<point>:<step>[:TERM]   SIGKILL this process (with :TERM, SIGTERM its process
-        group, as SLURM pre-empts a job) at <point> of training step <step> (1-based):
+    STEPOPSD_TEST_KILL_AT=<point>:<step>[:TERM|:USR1]   SIGKILL this process (:TERM / :USR1: send that
+        signal to its process group, as SLURM pre-empts a job) at <point> of training step <step> (1-based):
         rollout   after the step's first generate call
         rescore   inside the teacher's rescoring, before the advantages are written back
         update    after the first micro-batch's backward, before the optimizer step
@@ -29,8 +29,9 @@ def _kill_at() -> tuple[str, int, str] | None:
     if not spec:
         return None
     point, step, sig = (spec.split(":") + ["KILL"])[:3]
-    if point not in KILL_POINTS or not step.isdigit() or sig not in ("KILL", "TERM"):
-        raise ValueError(f"STEPOPSD_TEST_KILL_AT={spec!r}: use <point>:<step>[:TERM] with a point of {', '.join(KILL_POINTS)}")
+    if point not in KILL_POINTS or not step.isdigit() or sig not in ("KILL", "TERM", "USR1"):
+        raise ValueError(f"STEPOPSD_TEST_KILL_AT={spec!r}: use <point>:<step>[:TERM|:USR1] with a point of "
+                         f"{', '.join(KILL_POINTS)}")
     return point, int(step), sig
 
 
@@ -40,9 +41,10 @@ def maybe_kill(point: str, step: int, file=None) -> None:
     target = _kill_at()
     if target is None or target[:2] != (point, step):
         return
-    if target[2] == "TERM":  # pre-emption: the whole job (process group) when this process leads one
-        print(f"[fault injection] SIGTERM at {point} of training step {step}", flush=True)
-        os.killpg(0, signal.SIGTERM) if os.getpgrp() == os.getpid() else os.kill(os.getpid(), signal.SIGTERM)
+    if target[2] != "KILL":  # pre-emption: the whole job (process group) when this process leads one
+        sig = getattr(signal, f"SIG{target[2]}")
+        print(f"[fault injection] SIG{target[2]} at {point} of training step {step}", flush=True)
+        os.killpg(0, sig) if os.getpgrp() == os.getpid() else os.kill(os.getpid(), sig)
         return
     if file is not None:
         file.flush()

@@ -89,15 +89,17 @@ def test_a_run_killed_at_any_point_resumes_to_the_same_weights_and_metrics(point
     same_run(run, straight)
 
 
-def test_sigterm_saves_at_the_end_of_the_step_exits_cleanly_and_resumes_exactly(games, straight, tmp_path_factory):
-    """SLURM pre-emption: SIGTERM to the whole process group (env workers included) during step 2's rollout.
-    The step finishes, last.ckpt is written, the process exits 0; resume=auto continues to the same end."""
-    cache, logs = tmp_path_factory.getbasetemp() / "tiny-cache", tmp_path_factory.mktemp("sigterm")
+@pytest.mark.parametrize("sig", ["TERM", "USR1"])
+def test_preemption_saves_at_the_end_of_the_step_exits_cleanly_and_resumes_exactly(sig, games, straight, tmp_path_factory):
+    """SLURM pre-emption: SIGTERM (or SLURM's SIGUSR1 warning) to the whole process group, env workers included,
+    during step 2's rollout. The step finishes, last.ckpt is written, the process exits 0; resume=auto continues
+    to the same end."""
+    cache, logs = tmp_path_factory.getbasetemp() / "tiny-cache", tmp_path_factory.mktemp(f"sig{sig}")
     cmd = [sys.executable, "train.py", *overrides(games, cache, logs, "resume=auto")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, start_new_session=True,
-                          env=os.environ | {"STEPOPSD_TEST_KILL_AT": "rollout:2:TERM"})
+                          env=os.environ | {"STEPOPSD_TEST_KILL_AT": f"rollout:2:{sig}"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "SIGTERM at rollout of training step 2" in proc.stdout and "[pre-empted] SIGTERM: saved" in proc.stdout
+    assert f"SIG{sig} at rollout of training step 2" in proc.stdout and f"[pre-empted] SIG{sig}: saved" in proc.stdout
     (run,) = run_folders(logs)
     assert last_good_checkpoint(run)[1] == 2 and not os.path.exists(os.path.join(run, "policy"))
     proc = run_train(*overrides(games, cache, logs, "resume=auto"))

@@ -23,7 +23,7 @@ keeps many slots live at once and steps them through this pool.  Design:
   huge) memory.  So ``engine_factory`` must be picklable and importable in a fresh interpreter,
   and a script that builds a pool needs the ``if __name__ == "__main__":`` guard (without it the
   workers die at start-up and ``reset`` reports every slot crashed).  Workers are daemonic,
-  ignore SIGINT and SIGTERM (the parent shuts them down), exit on EOF from the parent, and are stopped by
+  ignore SIGINT, SIGTERM and SIGUSR1 (the parent shuts them down), exit on EOF from the parent, and are stopped by
   ``close()`` (or a ``with`` block), by garbage collection of the pool, and at interpreter exit;
   one that does not stop within a second is killed.  An engine's ``close()``, if it has one, is
   called when its slot is dropped by a reset or its worker stops.
@@ -103,8 +103,8 @@ def _picklable(result: tuple) -> tuple:
 
 
 def _worker_main(conn, factory: Callable[[], Engine]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SLURM's SIGTERM to the whole job are the parent's
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # business: it finishes the step, saves, then closes the workers
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # Ctrl-C, and SLURM's pre-emption signals to the
+        signal.signal(sig, signal.SIG_IGN)  # whole job, are the parent's business: it saves, then closes the workers
     engines: dict = {}
     while True:
         try:
