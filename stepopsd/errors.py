@@ -21,6 +21,18 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))  # one line, whatever the caller formatted
 
 
+class ForeignFolderError(UserError):
+    """A generator pointed at a non-empty folder it did not write."""
+
+
+def refuse_foreign_folder(out: str, own: bool, tool: str) -> None:
+    """A generator writes only into a new or empty folder, or one that holds its own earlier output (`own`),
+    so that it never overwrites or mixes with someone's data."""
+    if os.path.isdir(out) and os.listdir(out) and not own:
+        raise ForeignFolderError(f"{out} is not empty and not a folder {tool} wrote: choose a new or empty folder "
+                                 "(nothing was written)")
+
+
 def debug() -> bool:
     """`STEPOPSD_DEBUG=1`: user errors keep their traceback (for reporting a confusing one)."""
     return os.environ.get("STEPOPSD_DEBUG", "").lower() not in ("", "0", "false", "no")

@@ -25,8 +25,8 @@ from stepopsd.callbacks.preemption import Preemption
 from stepopsd.callbacks.progress import PROGRESS_BARS, progress_bar
 from stepopsd.callbacks.rescoring import TeacherRescoring
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
-from stepopsd.checkpoints import (AtomicCheckpointIO, CheckpointError, check_compatible, last_good_checkpoint, read_checkpoint, remove_torn,
-                                  steps_done, trim_metrics)
+from stepopsd.checkpoints import (AtomicCheckpointIO, CheckpointError, check_compatible, last_good_checkpoint,
+                                  read_checkpoint, remove_torn, steps_done, trim_metrics)
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.errors import UserError
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
@@ -248,9 +248,6 @@ def check_run_config(cfg: DictConfig, ckpt_path: str) -> None:
                                   f"{key}={plain(ours)}: resume with the config the checkpoint's run used ({saved_file})")
 
 
-ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
-
-
 def check_model(cfg: DictConfig) -> None:
     """A local model or tokenizer folder is checked before any data or policy work: it exists, its tokenizer
     loads, has an eos token (generation stops at it) and, with model.chat_template=true, a chat template.
@@ -274,6 +271,9 @@ def check_model(cfg: DictConfig) -> None:
     if m.chat_template and not tokenizer.chat_template:
         raise ConfigError(f"the tokenizer in {folder} has no chat template: add one (chat_template.jinja) or set "
                           "model.chat_template=false to feed plain prompts")
+
+
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 
 
 def check_launch(cfg: DictConfig) -> None:

@@ -218,3 +218,23 @@ def test_one_line_keeps_a_hydra_message_readable():
               "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n"
     assert one_line(message) == "In 'train': Could not find 'algorithm/ppo'; Available options in 'algorithm': grpo, stepopsd"
     assert one_line("Key 'x' is not in struct\n    full_key: a.x\n    object_type=dict") == "Key 'x' is not in struct"
+
+
+def test_generators_refuse_a_folder_that_is_not_their_own(games, tmp_path):
+    """Nothing is written into someone's data: a non-empty folder is refused unless it is the generator's own
+    (earlier or interrupted) output."""
+    from stepopsd.envs.alfworld.generate import _own_output as own_games
+    from stepopsd.envs.alfworld.generate import make_games
+    from stepopsd.envs.search.generate import _own_output as own_qa
+    from stepopsd.envs.search.generate import make_qa
+
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    for make, tool in ((make_games, "stepopsd-make-games"), (make_qa, "stepopsd-make-qa")):
+        with pytest.raises(UserError, match=f"not a folder {tool} wrote"):
+            make(str(foreign), 0)
+    assert os.listdir(foreign) == ["notes.txt"]
+    assert own_games(games) and own_games(str(tmp_path / "new")) and not own_games(str(foreign))
+    pq.write_table(pa.table({"question": ["q"]}), tmp_path / "train.parquet")  # a parquet without the generated mark
+    assert not own_qa(str(tmp_path)) and own_qa(str(tmp_path / "new"))

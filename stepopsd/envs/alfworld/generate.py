@@ -29,6 +29,7 @@ import alfworld.gen.goal_library as goal_library
 from stepopsd.envs.alfworld import scenes
 from stepopsd.envs.alfworld.expert import iter_experts
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SPLITS, TASK_TYPES, resolve_task_types
+from stepopsd.errors import UserError, refuse_foreign_folder
 from stepopsd.progress import Progress
 
 DATA = os.path.join(os.path.dirname(alfworld.__file__), "data")
@@ -253,6 +254,24 @@ class GenerationReport:
         return "\n".join(rows)
 
 
+def _own_output(out: str) -> bool:
+    """Whether `out` holds only games this generator wrote (a finished or an interrupted generation)."""
+    names = set(os.listdir(out)) if os.path.isdir(out) else set()
+    root = os.path.join(out, "json_2.1.1")
+    if not names <= {"json_2.1.1", ".staging"}:
+        return False
+    if os.path.isfile(os.path.join(root, "generation_report.json")):
+        return True
+    for dirpath, _, files in os.walk(root):  # interrupted: its first game says whose it is
+        if "traj_data.json" in files:
+            try:
+                with open(os.path.join(dirpath, "traj_data.json")) as f:
+                    return GENERATED_KEY in json.load(f)
+            except (OSError, ValueError):
+                return False
+    return True
+
+
 def make_games(out: str, seed: int = 0, *, train_per_type: int = 20, valid_per_type: int = 5,
                task_types=None, min_plan: int = 5, max_plan: int = 30, workers: int | None = None,
                max_attempts_per_game: int = 20, log=print) -> GenerationReport:
@@ -264,6 +283,7 @@ def make_games(out: str, seed: int = 0, *, train_per_type: int = 20, valid_per_t
         raise ValueError(f"need 1 <= min_plan <= max_plan, got {min_plan}, {max_plan}")
     root = os.path.join(out, "json_2.1.1")
     staging = os.path.join(out, ".staging")
+    refuse_foreign_folder(out, _own_output(out), "stepopsd-make-games")
     shutil.rmtree(staging, ignore_errors=True)
     want = {(s, t): (train_per_type if s == "train" else valid_per_type) for s in SPLITS for t in types}
     report = GenerationReport(seed)
@@ -329,7 +349,7 @@ def main(argv=None) -> int:
     try:
         report = make_games(a.out, a.seed, train_per_type=a.train_per_type, valid_per_type=a.valid_per_type,
                             task_types=a.task_types, min_plan=a.min_plan, max_plan=a.max_plan, workers=a.workers)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, UserError) as e:
         print(f"stepopsd-make-games: error: {e}", file=sys.stderr)
         return 2
     print(report.table())

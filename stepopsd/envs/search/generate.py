@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from stepopsd.envs.search.corpus import passage_line
 from stepopsd.envs.search.data import GENERATED_KEY, GENERATED_MULTIHOP, GENERATED_SINGLEHOP
+from stepopsd.errors import UserError, refuse_foreign_folder
 from stepopsd.progress import Progress
 
 GENERATOR_VERSION = 1
@@ -329,6 +330,18 @@ def _queries(q: dict) -> list[str]:
     return [f"{s.lower()} {REL[r].key}" for s, r in zip(subjects, q["path"])]
 
 
+def _own_output(out: str) -> bool:
+    """Whether `out` holds only what make_qa writes, its questions marked generated."""
+    names = set(os.listdir(out)) if os.path.isdir(out) else set()
+    if not names <= {"corpus.jsonl", "train.parquet", "test.parquet"}:
+        return False
+    try:
+        return all((pq.read_schema(os.path.join(out, n)).metadata or {}).get(GENERATED_KEY.encode())
+                   for n in names if n.endswith(".parquet"))
+    except Exception:  # unreadable parquet: not ours to overwrite
+        return False
+
+
 def make_qa(out: str, seed: int = 0, *, num_entities: int = 300, train_questions: int = 400,
             test_questions: int = 100) -> QAReport:
     """Write DIR/corpus.jsonl, DIR/train.parquet and DIR/test.parquet (all generated) and report them."""
@@ -336,6 +349,7 @@ def make_qa(out: str, seed: int = 0, *, num_entities: int = 300, train_questions
         raise ValueError(f"num_entities={num_entities} must be >= 40")
     if train_questions < 0 or test_questions < 0:
         raise ValueError("question counts must be >= 0")
+    refuse_foreign_folder(out, _own_output(out), "stepopsd-make-qa")
     start = time.perf_counter()
     rng = random.Random(f"stepopsd-qa/{GENERATOR_VERSION}/{seed}")
     world = build_world(rng, num_entities)
@@ -433,7 +447,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         report = make_qa(a.out, a.seed, num_entities=a.entities, train_questions=a.train, test_questions=a.test)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, UserError) as e:
         print(f"stepopsd-make-qa: error: {e}", file=sys.stderr)
         return 2
     print(report.table())
