@@ -294,9 +294,12 @@ def make_server(retriever: BM25Retriever, host: str = "127.0.0.1", port: int = 8
         def log_message(self, format, *args):  # no access log: the log must not grow per request
             pass
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return _Server((host, port), Handler)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 drops bursts of clients)
 
 
 def _loopback(host: str) -> bool:
