@@ -88,13 +88,19 @@ def server_part(a) -> dict:
     per = [a.clients // procs + (i < a.clients % procs) for i in range(procs)]
     with LocalRetrieverServer(corpus, startup_timeout=300) as srv:
         RetrieverClient(srv.url).search(questions[:a.batch])  # warm-up
-        rss_before = rss_mb(srv.proc.pid)
+        rss = [rss_mb(srv.proc.pid)]
         start = time.time()
         end = start + a.seconds
+
+        def sample():  # at each quarter of the sending time
+            for _ in range(4):
+                time.sleep(a.seconds / 4)
+                rss.append(rss_mb(srv.proc.pid))
+
+        threading.Thread(target=sample, daemon=True).start()
         with mp.get_context("fork").Pool(procs) as pool:
             parts = pool.starmap(_client_process, [(srv.url, questions, n, a.batch, end, a.seed + i) for i, n in enumerate(per)])
         wall = time.time() - start
-        rss_after = rss_mb(srv.proc.pid)
         alive = srv.proc.poll() is None
     lat = sorted(x for p in parts for x in p["latencies"])
     errors = [e for p in parts for e in p["errors"]]
@@ -105,7 +111,7 @@ def server_part(a) -> dict:
             "errors": errors[:3], "p50_ms": 1000 * lat[len(lat) // 2] if lat else float("nan"),
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
             "qps": len(lat) * a.batch / wall, "wall_s": wall, "checked": len(firsts), "mismatched": mismatched,
-            "rss_before": rss_before, "rss_after": rss_after, "alive": alive}
+            "rss": rss, "alive": alive}
 
 
 def pool_part(a) -> dict:
@@ -168,10 +174,10 @@ def main() -> None:
         ok &= s["failed"] == s["lost"] == s["mismatched"] == 0 and s["alive"]
         print(f"Server: GENERATED corpus of {s['passages']:,} passages, {a.clients} clients in {min(a.procs, a.clients)} processes, "
               f"batches of {a.batch} queries, topk 3, {s['wall_s']:.0f} s.\n")
-        print("| requests | failed | lost | p50 latency (ms) | p99 latency (ms) | queries/s | first replies = in-process | server RSS before / after (MB) |")
+        print("| requests | failed | lost | p50 latency (ms) | p99 latency (ms) | queries/s | first replies = in-process | server RSS, start and each quarter (MB) |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         print(f"| {s['sent']:,} | {s['failed']} | {s['lost']} | {s['p50_ms']:,.0f} | {s['p99_ms']:,.0f} | {s['qps']:,.0f} | "
-              f"{s['checked'] - s['mismatched']}/{s['checked']} | {s['rss_before']:.0f} / {s['rss_after']:.0f} |\n")
+              f"{s['checked'] - s['mismatched']}/{s['checked']} | {' / '.join(f'{r:.0f}' for r in s['rss'])} |\n")
         for e in s["errors"]:
             print(f"  error: {e}")
     if a.part in ("pool", "both"):
