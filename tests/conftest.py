@@ -1,5 +1,6 @@
 import os
 import sys
+import sysconfig
 
 # Spawned worker processes inherit sys.path; make tests/ importable there (toy_engines).
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -10,6 +11,18 @@ import pytest  # noqa: E402
 
 # One generated game per task type and split, shared by the ALFWorld tests (about a minute on 2 cores).
 GAMES_ARGS = dict(seed=0, train_per_type=1, valid_per_type=1, workers=2)
+
+
+@pytest.fixture(scope="session")
+def console_script():
+    """`console_script(name)`: the path of an installed console script (stepopsd-retriever, ...) in the running
+    interpreter's environment, so a test runs it as users do even when that environment is not activated."""
+    def path(name: str) -> str:
+        for folder in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        pytest.fail(f"{name} is not installed in the environment of {sys.executable}: run `{sys.executable} -m pip install -e .`")
+    return path
 
 
 @pytest.fixture(scope="session")

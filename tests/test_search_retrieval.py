@@ -197,9 +197,9 @@ def test_client_accepts_both_response_shapes():
     assert (p.id, p.title, p.text, p.score) == ("7", "T", "body", None)
 
 
-def test_console_script_missing_corpus_one_line_error(tmp_path):
+def test_console_script_missing_corpus_one_line_error(tmp_path, console_script):
     missing = str(tmp_path / "nope.jsonl")
-    out = subprocess.run(["stepopsd-retriever", "--corpus", missing, "--port", "0"],
+    out = subprocess.run([console_script("stepopsd-retriever"), "--corpus", missing, "--port", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
