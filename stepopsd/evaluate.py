@@ -18,8 +18,8 @@ from omegaconf import DictConfig
 
 from stepopsd.policy.loading import load_policy
 from stepopsd.rollout import rollout
-from stepopsd.train import (ConfigError, backend_factory, build_policy, check_config, check_splits, env_factory,
-                            load_split, prepare_data, retrieval_service)
+from stepopsd.train import (ConfigError, backend_factory, build_policy, check_config, check_services, check_splits,
+                            env_factory, load_split, prepare_data, retrieval_service)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -33,11 +33,12 @@ def evaluate(cfg: DictConfig) -> dict:
     data = prepare_data(cfg)
     tasks = load_split(cfg, data, e.split, cfg.data.val_task_types, limit=e.limit)
     label = "+".join(sorted({t.data_label for t in tasks}))
+    check_services(cfg, data)  # the corpus or the retriever's URL, before the policy
     policy, tokenizer = load_policy(e.policy, dtype=cfg.model.dtype) if e.policy else build_policy(cfg, data, tasks)
     sampling = dataclasses.replace(rollout_cfg.sampling, temperature=cfg.rollout.val_temperature)
     run_cfg = dataclasses.replace(rollout_cfg, group_size=e.samples, sampling=sampling)
     backend = backend_factory(cfg)(policy, tokenizer)
-    with retrieval_service(cfg, data) as url, env_factory(cfg, url)() as env:
+    with retrieval_service(cfg, data) as retriever, env_factory(cfg, retriever)() as env:
         trajectories, stats = rollout(env, backend, tokenizer, tasks, run_cfg, seed=cfg.seed)
     won, seen = defaultdict(int), defaultdict(int)
     for t in trajectories:

@@ -375,12 +375,17 @@ def check_services(cfg: DictConfig, data: str) -> None:
         from stepopsd.envs.search.corpus import check_corpus
 
         check_corpus(corpus_path(cfg, data))
+    else:  # one small real request: a wrong URL or a server of another API is one line now, not after the policy
+        from stepopsd.envs.search.retrieval import check_retriever
+
+        check_retriever(cfg.env.retriever.url, timeout=cfg.env.retriever.timeout)
 
 
 @contextlib.contextmanager
 def retrieval_service(cfg: DictConfig, data: str):
-    """Search-QA: the retriever URL for the run, starting `stepopsd-retriever` (BM25) on the corpus
-    when `env.retriever.start_server` says so and stopping it at the end; None for ALFWorld."""
+    """Search-QA: the retriever for the run, its URL or, when `env.retriever.start_server` says so, a
+    `stepopsd-retriever` (BM25) it starts on the corpus, restarts if its process dies, and stops at the end;
+    None for ALFWorld."""
     if cfg.env.name != "search":
         yield None
         return
@@ -392,7 +397,7 @@ def retrieval_service(cfg: DictConfig, data: str):
 
     with LocalRetrieverServer(corpus_path(cfg, data)) as server:
         print(f"[retriever] BM25 server on {corpus_path(cfg, data)} at {server.url}")
-        yield server.url
+        yield server
 
 
 def build_policy(cfg: DictConfig, data: str, tasks: list[Task] = ()):
@@ -421,14 +426,16 @@ def build_policy(cfg: DictConfig, data: str, tasks: list[Task] = ()):
     return policy, tokenizer
 
 
-def env_factory(cfg: DictConfig, retriever_url: str | None = None):
-    """A no-argument callable building the configured environment (in each process that needs one)."""
+def env_factory(cfg: DictConfig, retriever=None):
+    """A no-argument callable building the configured environment (in each process that needs one); Search-QA
+    takes the retriever of `retrieval_service` (a URL, or the run's own server, whose clients restart it)."""
     e = cfg.env
     if e.name == "search":
         from stepopsd.envs.search.env import SearchEnv
-        from stepopsd.envs.search.retrieval import RetrieverClient
+        from stepopsd.envs.search.retrieval import LocalRetrieverServer, RetrieverClient
 
-        client = RetrieverClient(retriever_url, timeout=e.retriever.timeout, retries=e.retriever.retries)
+        kw = dict(timeout=e.retriever.timeout, retries=e.retriever.retries)
+        client = retriever.client(**kw) if isinstance(retriever, LocalRetrieverServer) else RetrieverClient(retriever, **kw)
         return functools.partial(SearchEnv, client, max_steps=e.max_steps, history_length=e.history_length, topk=e.topk,
                                  compact=e.compact, require_think=e.require_think, invalid_penalty=e.invalid_penalty)
     return functools.partial(AlfWorldEnv, e.num_workers, max_steps=e.max_steps, step_timeout=e.step_timeout,
@@ -461,9 +468,9 @@ def train(cfg: DictConfig) -> float:
     check_services(cfg, data)  # the corpus a run-owned retriever will serve, or the retriever's URL: before the policy
     with rank_zero_first("the policy"):  # rank 0 builds the tiny policy's cache (or fills the hub cache) first
         policy, tokenizer = build_policy(cfg, data, train_tasks)
-    with retrieval_service(cfg, data) as retriever_url:
+    with retrieval_service(cfg, data) as retriever:
         return _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer,
-                    env_factory(cfg, retriever_url), label, objective_name, ckpt_path)
+                    env_factory(cfg, retriever), label, objective_name, ckpt_path)
 
 
 def check_objective(cfg: DictConfig, val_tasks: dict[str, list[Task]]) -> str:

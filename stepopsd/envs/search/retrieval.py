@@ -344,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # SLURM's pre-emption warning reaches every process of the job
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     print(f"{prog}: serving {len(retriever)} passages at http://{shown}:{port}/retrieve "
