@@ -3,7 +3,7 @@
 Configs, data, models and tokenizers, checkpoints: each case runs `train()` (or the real `train.py` for what
 Hydra itself rejects) on the tiny CPU configuration and expects a `UserError` whose message is one line and
 names the culprit. A few go through the entry point to check what the user sees: `train.py: error: ...`,
-exit status 2, no traceback. Retrieval's bad inputs (wrong URL, another API) are in test_search_retrieval.py.
+exit status 2, no traceback. The retriever's own probes are tested against real servers in test_retriever_check.py.
 """
 import json
 import os
@@ -37,10 +37,29 @@ def tiny_run(games, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bad(games, tiny_run, tmp_path_factory):
+def other_api(tmp_path_factory):
+    """A real HTTP server that is not a retriever (it serves files, and 501 on POST)."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path_factory.mktemp("www")))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bad(games, tiny_run, other_api, tmp_path_factory):
     """Broken copies of real inputs, by name."""
+    import socket
+
     root = tmp_path_factory.mktemp("bad")
-    paths = {"empty": root / "empty", "missing": root / "no" / "such"}
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        free_port = s.getsockname()[1]
+    paths = {"empty": root / "empty", "missing": root / "no" / "such", "other_api": other_api, "free_port": free_port}
     paths["empty"].mkdir()
     for name in ("corrupt_game", "no_task_type", "other_task_type"):
         shutil.copytree(games, root / name)
@@ -59,6 +78,10 @@ def bad(games, tiny_run, tmp_path_factory):
     paths["qa"] = qa
     (root / "corpus.jsonl").write_text('{"id": "1", "contents": "\\"A\\"\\ntext"}\n{"title": "no id"}\n')
     paths["corpus"] = root / "corpus.jsonl"
+    from stepopsd.envs.search.generate import make_qa
+
+    make_qa(str(root / "qa_good"), 0, num_entities=40, train_questions=8, test_questions=4)
+    paths["qa_good"] = root / "qa_good"
     # models and tokenizers, from the run's saved policy
     policy = tiny_run / "policy"
     for name in ("no_tokenizer", "no_eos", "no_chat_template"):
@@ -117,6 +140,14 @@ CASES = {  # name -> (overrides given `bad` paths, what the one line must name)
     "parquet without answers": (lambda b: ["experiment=searchqa", f"data.path={b['qa']}"], "golden_answers"),
     "not a parquet": (lambda b: ["experiment=searchqa", f"data.path={b['qa']}", "data.train_split=test"],
                       "not a readable parquet"),
+    # retrieval (a URL given, no run-owned server): probed before the policy
+    "retriever at a wrong URL": (lambda b: ["experiment=searchqa", f"data.path={b['qa_good']}", "env.retriever.start_server=false",
+                                            f"env.retriever.url=http://127.0.0.1:{b['free_port']}/retrieve"],
+                                 "stepopsd-retriever --corpus"),
+    "retriever of another API": (lambda b: ["experiment=searchqa", f"data.path={b['qa_good']}", "env.retriever.start_server=false",
+                                            f"env.retriever.url={b['other_api']}/retrieve"], "retriever"),
+    "corpus without ids": (lambda b: ["experiment=searchqa", f"data.path={b['qa_good']}", f"env.retriever.corpus={b['corpus']}"],
+                           "not a corpus line"),
     # models and tokenizers
     "missing model folder": (lambda b: ["model=qwen3_1.7b", f"model.name_or_path={b['missing']}"], "no such folder"),
     "folder without a tokenizer": (lambda b: ["model=qwen3_1.7b", f"model.name_or_path={b['no_tokenizer']}"],
