@@ -21,6 +21,12 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))  # one line, whatever the caller formatted
 
 
+class RunFailed(UserError):
+    """A run stopped by faults past its limit (non-finite updates in a row, a broken environment): one line, as a
+    user error; in a sweep the trial is recorded FAIL and the sweep goes on (a diverging learning rate is a
+    result, not a bad config)."""
+
+
 class ForeignFolderError(UserError):
     """A generator pointed at a non-empty folder it did not write."""
 

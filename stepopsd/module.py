@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm, entropy_from_logits, kl_k3,
                                      policy_loss, ppo_stats, truncated_is_weights)
 from stepopsd.data.batch import RolloutBatch, micro_batches
-from stepopsd.errors import UserError
+from stepopsd.errors import RunFailed, UserError
 from stepopsd.faults import maybe_kill
 from stepopsd.policy.logprobs import (left_align, right_align, tail_logits, tail_logprobs, tail_width,
                                       token_logprobs)
@@ -376,7 +376,7 @@ class GRPOModule(L.LightningModule):
         return out
 
 
-class NonFiniteError(UserError, RuntimeError):
+class NonFiniteError(RunFailed, RuntimeError):
     """Too many PPO updates in a row with a non-finite loss or gradient: the run stops (one line)."""
 
 

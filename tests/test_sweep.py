@@ -111,18 +111,21 @@ def test_a_pruned_trial_stops_training_early_and_is_recorded_pruned(games, cache
 
 
 def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(games, cache, tmp_path):
-    # lr 1e30 blows the weights up: the next rollout's sampling fails on non-finite probabilities (a real crash)
+    # lr 1e30 blows the weights up: the next update's loss is non-finite, skipped, and with
+    # max_nonfinite_updates=1 the run stops (NonFiniteError: a run failure, not a bad config)
     proc = run(sweep_command(games, cache, tmp_path, "algorithm.stepopsd.alpha_clip=0.1", "algorithm.stepopsd.lam0=0.1",
                              "algorithm.ppo.lr=choice(1e30,5e-4)", "hydra.sweeper.seeds_per_trial=1",
+                             "algorithm.ppo.max_nonfinite_updates=1",
                              "hydra.sweeper.max_failure_rate=0.5", "hydra.sweeper.study_name=crash"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ts = {t.params["algorithm.ppo.lr"]: t for t in trials(tmp_path, "crash")}
-    assert ts[1e30].state == TrialState.FAIL and "RuntimeError" in ts[1e30].user_attrs["error"]
+    assert ts[1e30].state == TrialState.FAIL and "NonFiniteError" in ts[1e30].user_attrs["error"]
     assert os.path.isfile(os.path.join(ts[1e30].user_attrs["job_dirs"][0], "error.txt"))
     assert ts[5e-4].state == TrialState.COMPLETE
     # past max_failure_rate the sweep stops with one line
     proc = run(sweep_command(games, cache, tmp_path, "algorithm.stepopsd.alpha_clip=0.1", "algorithm.stepopsd.lam0=0.1",
                              "algorithm.ppo.lr=choice(1e30)", "hydra.sweeper.seeds_per_trial=1",
+                             "algorithm.ppo.max_nonfinite_updates=1",
                              "hydra.sweeper.max_failure_rate=0", "hydra.sweeper.study_name=crash-limit"))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("train.py -m: error: 1 of the study's 1")
     assert "Traceback" not in proc.stderr

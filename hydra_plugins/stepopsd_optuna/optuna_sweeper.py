@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from stepopsd.errors import UserError
+from stepopsd.errors import RunFailed, UserError
 from stepopsd.sweep import open_storage
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class OptunaSweeper(Sweeper):
             exc = ret._return_value
             if isinstance(exc, optuna.TrialPruned):
                 pruned = str(exc)
-            elif isinstance(exc, (UserError, FileNotFoundError)):
+            elif isinstance(exc, (UserError, FileNotFoundError)) and not isinstance(exc, RunFailed):  # a bad config: stop
                 self._set_attrs(trial, results, values, dirs, error=str(exc))
                 tell(study, trial, state=TrialState.FAIL)
                 raise SweepError(f"trial {trial.number} (seed {seed}): {exc}")

@@ -17,13 +17,13 @@ import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
 from stepopsd.data.batch import RolloutBatch, build_batch
-from stepopsd.errors import UserError
+from stepopsd.errors import RunFailed
 from stepopsd.faults import maybe_kill
 from stepopsd.rollout import RolloutConfig, RolloutStats, rollout
 from stepopsd.types import Task
 
 
-class EnvFailureError(UserError, RuntimeError):
+class EnvFailureError(RunFailed, RuntimeError):
     """More of a batch's trajectories failed than `rollout.max_failed_fraction` allows: one line."""
 
 

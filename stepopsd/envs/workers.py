@@ -33,7 +33,9 @@ keeps many slots live at once and steps them through this pool.  Design:
 """
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401  its exit hook is registered now, so `_stop_live_pools` (later) runs before it
 import pickle
 import signal
 import time
@@ -142,6 +144,18 @@ def _stop_workers(workers: list, grace: float = 1.0) -> None:
     workers.clear()
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every pool not yet garbage-collected
+
+
+@atexit.register
+def _stop_live_pools() -> None:
+    """At interpreter exit, before multiprocessing's own hook: that one joins daemonic children after a SIGTERM
+    they ignore (pre-emption is the parent's business), so a pool still open (a run that died on an exception)
+    would hang the exit. Its workers are told to close, and killed after a second."""
+    for pool in list(_LIVE):
+        pool.close()
+
+
 class EnvWorkerPool:
     """Steps many engine slots on `num_workers` processes; see the module docstring."""
 
@@ -169,6 +183,7 @@ class EnvWorkerPool:
         self._workers: list[_Worker] = []
         self._closed = False
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+        _LIVE.add(self)
         try:
             self._workers.extend(self._spawn(idx) for idx in range(num_workers))
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
