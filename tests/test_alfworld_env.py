@@ -165,3 +165,19 @@ def test_engine_cache_gives_the_same_text_as_plain_textworld(generated_games, tm
     assert len(os.listdir(tmp_path / "translations")) == 2 * games
     assert len(runs[0]["seen"]) >= 12 * 13
     assert runs[0]["seen"] == runs[1]["seen"] == runs[2]["seen"]
+
+
+def test_the_in_memory_translations_are_bounded(monkeypatch):
+    """A worker meets thousands of games over a run: only the `keep` most recently used translations stay in
+    memory (each ~1.2 MB); an evicted one is translated again (or read from disk, off here)."""
+    from stepopsd.envs.alfworld.engine_cache import _translation_cache
+
+    monkeypatch.setenv("STEPOPSD_TRANSLATIONS", "0")  # memory only
+    call = _translation_cache(lambda domain, problem: {"sas": f"{domain}/{problem}"}, keep=2)
+    for problem in ("a", "b", "a", "c"):  # "a" used again before "c": "b" is the least recent
+        assert call("d", problem) == {"sas": f"d/{problem}"}
+    assert call.translations == 3
+    call("d", "a")
+    assert call.translations == 3  # still in memory
+    call("d", "b")
+    assert call.translations == 4  # evicted, translated again

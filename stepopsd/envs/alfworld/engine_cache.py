@@ -45,6 +45,7 @@ Measured: `python experiments/benchmarks/env_throughput.py --textgen plain cache
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.metadata
 import os
@@ -86,14 +87,20 @@ def translations_dir() -> str | None:
     return folder or os.path.join(cache, "stepopsd", "translations")
 
 
-def _translation_cache(translate):
-    """fast-downward's `pddl2sas` memoised in memory and on disk (3 and 5 above)."""
-    pickles: dict = {}
+TRANSLATIONS_IN_MEMORY = 128  # games whose translation a process keeps in memory (~1.2 MB each); the rest on disk
+
+
+def _translation_cache(translate, keep: int = TRANSLATIONS_IN_MEMORY):
+    """fast-downward's `pddl2sas` memoised in memory (the `keep` most recently used games: a worker that meets
+    thousands of games over a run would otherwise grow by ~1.2 MB per game) and on disk (3 and 5 above)."""
+    pickles: collections.OrderedDict = collections.OrderedDict()
     version = importlib.metadata.version("fast_downward_textworld")
 
     def call(*args, **kwargs):
         key = (args, tuple(sorted(kwargs.items())))
-        if key not in pickles:
+        if key in pickles:
+            pickles.move_to_end(key)
+        else:
             folder = translations_dir()
             digest = hashlib.sha1(pickle.dumps((version, key))).hexdigest()
             path = os.path.join(folder, f"{digest}.pkl.z") if folder else None
@@ -102,6 +109,8 @@ def _translation_cache(translate):
                 pickles[key] = pickle.dumps(translate(*args, **kwargs), protocol=pickle.HIGHEST_PROTOCOL)
                 _write(path, pickles[key])
                 call.translations += 1
+            while len(pickles) > keep:
+                pickles.popitem(last=False)
         return pickle.loads(pickles[key])
 
     call.stepopsd_cached = True
