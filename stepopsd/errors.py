@@ -2,8 +2,9 @@
 without a tokenizer, a corrupt checkpoint, a retriever at a wrong URL.
 
 Raise `UserError` (or a subclass) with ONE line that says what is wrong and how to fix it. The entry points
-(`train.py`, `eval.py`, `sft.py`, the console scripts) catch it through `main_guard` and print
-`<prog>: error: <line>` with exit status 2: no Hydra banner, no traceback. `STEPOPSD_DEBUG=1` re-raises it
+`train.py`, `eval.py` and `sft.py` catch it through `main_guard` (inside the task function) and `hydra_entry`
+(Hydra's own composition errors, and errors raised by a sweeper), the console scripts in their `main()`, and
+print `<prog>: error: <line>` with exit status 2: no Hydra banner, no traceback. `STEPOPSD_DEBUG=1` re-raises it
 with the full traceback instead. Anything else is a bug (or a fault the run could not survive) and keeps
 its traceback.
 """
