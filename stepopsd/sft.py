@@ -28,6 +28,9 @@ from stepopsd.progress import Progress
 from stepopsd.rollout import encode_prompt
 
 
+NEWER_FIELDS = {"chat_template_kwargs": {}, "demo_repeat": 0.0}  # left out of the cache key at these values
+
+
 @dataclass(frozen=True)
 class TinySFTConfig:
     data: str  # ALFWorld: folder holding json_2.1.1/; Search-QA: folder holding train.parquet
@@ -40,6 +43,7 @@ class TinySFTConfig:
     batch_size: int = 16
     max_tokens: int = 768
     demo_epsilon: float = 0.1
+    demo_repeat: float = 0.0  # ALFWorld: probability of an inadmissible repeat of the last command (recovery in the demos)
     episodes_per_game: int = 1  # epsilon-episodes per training game (different random detours)
     bucket_by_length: bool = False  # batches of similar lengths: faster, but each batch then holds similar steps
     task_types: tuple = ("all",)  # demonstrations from these task types only
@@ -59,8 +63,9 @@ class TinySFTConfig:
     def key(self) -> str:
         paths = {"data": os.path.abspath(self.data), "corpus": self.corpus and os.path.abspath(self.corpus)}
         fields = asdict(self)
-        if not self.chat_template_kwargs:  # folders built before the key existed stay valid
-            del fields["chat_template_kwargs"]
+        for name, unset in NEWER_FIELDS.items():  # folders built before these fields existed stay valid
+            if fields[name] == unset:
+                del fields[name]
         blob = json.dumps(fields | paths | {"demo_format": DEMO_FORMAT}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -150,7 +155,7 @@ def demonstrations(cfg: TinySFTConfig, path: str, workers: int | None, log) -> t
         log(f"[{label} games] building the tiny policy: demonstrations from {len(tasks)} games x {cfg.episodes_per_game} "
             f"episodes, tokenizer, SFT")
         export_demos(tasks * cfg.episodes_per_game, path, DemoOptions(
-            epsilon=cfg.demo_epsilon, seed=cfg.seed, compact=cfg.compact, history_length=cfg.history_length), workers)
+            epsilon=cfg.demo_epsilon, repeat=cfg.demo_repeat, seed=cfg.seed, compact=cfg.compact, history_length=cfg.history_length), workers)
         with open(path) as f:
             records = [json.loads(line) for line in f]
         texts, peer = [], "1. go to countertop 1\n2. take apple 1 from countertop 1"

@@ -10,6 +10,7 @@ from stepopsd.envs.alfworld.demos import DemoOptions, export_demos, main as demo
 from stepopsd.envs.alfworld.env import INVALID_OBSERVATION, AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.expert import play_experts
 from stepopsd.envs.alfworld.prompts import format_response, parse_action
+from stepopsd.sft import TinySFTConfig
 
 
 def act(command):
@@ -100,6 +101,34 @@ def test_demonstrations_export(tasks, tmp_path):
     assert any(steps != list(range(len(steps))) for steps in steps_per_task.values())
     assert demos_main(["--data", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert out.exists()  # a failed export leaves the earlier file alone
+
+
+def test_repeat_detours_show_recovery_from_nothing_happens(tasks, tmp_path):
+    """demo repeat: the last command once more when it is no longer admissible; the engine answers
+    "Nothing happens." and the expert's next step (a target) starts from that observation."""
+    jobs = [(t.source, {"seed": i, "repeat": 0.5}) for i, t in enumerate(tasks)]
+    episodes = play_experts(jobs, workers=2)
+    assert all(e.won for e in episodes)
+    repeats = 0
+    for ep in episodes:
+        for before, step, after in zip(ep.steps, ep.steps[1:], ep.steps[2:]):
+            if not step.is_expert:
+                assert step.action == before.action and step.action not in step.admissible
+                assert after.observation == INVALID_OBSERVATION
+                repeats += 1
+    assert repeats >= len(tasks)  # at 0.5 most episodes repeat several times
+    out = tmp_path / "demos.jsonl"
+    export_demos(tasks, str(out), DemoOptions(repeat=0.5, compact=True), workers=2)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    now = f"\nobs: {INVALID_OBSERVATION}\nactions:"
+    recovering = [r for r in records if now in r["prompt"]]
+    assert recovering and all(r["is_expert"] for r in recovering)
+    for r in recovering:  # the target after a repeat is not the repeated command
+        last = r["prompt"].split(now)[0].rsplit("| act: ", 1)[1]
+        assert parse_action(r["response"])[0] != last
+    with pytest.raises(ValueError, match="repeat"):
+        DemoOptions(repeat=1.0)
+    assert TinySFTConfig(data="g", demo_repeat=0.3).key() != TinySFTConfig(data="g").key()  # another cached policy
 
 
 def test_prompts_carry_history_and_targets_cover_the_action_block(tasks):

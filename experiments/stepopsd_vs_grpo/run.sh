@@ -7,11 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seeds=${SEEDS:-0,1,2}
+# pick_two: a warm start whose demonstrations show recovery from "Nothing happens." (model.sft.demo_repeat), and a
+# second validation split, 16 of the training games, because valid_seen stays at the floor at this scale (README)
+extra_pick_two=(model.sft.demo_repeat=0.3 "data.val_splits=[valid_seen,train]")
 for task in "${@:-heat pick_two}"; do
   for t in $task; do
-    python train.py -m experiment=alfworld_$t machine=cpu algorithm=grpo,stepopsd seed=$seeds \
+    extra_name="extra_$t[@]"
+    extra=("${!extra_name}")
+    python train.py -m experiment=alfworld_$t machine=cpu algorithm=grpo,stepopsd seed=$seeds "${extra[@]}" \
         hydra.sweep.dir=outputs/study/$t/arms
     python train.py -m experiment=alfworld_$t machine=cpu algorithm=stepopsd algorithm.stepopsd.budget_clip=null \
-        seed=$seeds hydra.sweep.dir=outputs/study/$t/budget_off
+        seed=$seeds "${extra[@]}" hydra.sweep.dir=outputs/study/$t/budget_off
   done
 done

@@ -3,7 +3,8 @@
 Each line is one agent step of an episode played by the `alfworld` package's expert: the prompt the
 policy would see at that step (the protocol's template, full or compact) and the response
 `<think>...</think><action>...</action>`. With `--epsilon` the episode takes a random admissible
-action with that probability; those detours are kept in the later prompts' history (so the data
+action with that probability, and with `--repeat` it repeats its last command once more when that is
+no longer admissible ("Nothing happens."); those detours are kept in the later prompts' history (so the data
 shows recovery) but are not training targets unless `--keep-random`. Only episodes the expert
 finishes are written unless `--keep-failed`. Every record says `"data": "generated"` or
 `"official"` after the games it comes from.
@@ -31,6 +32,7 @@ DEMO_FORMAT = 3  # bump when the records change (the tiny policy's cache key inc
 class DemoOptions:
     epsilon: float = 0.0
     seed: int = 0
+    repeat: float = 0.0  # probability of an inadmissible repeat of the last command (see expert.play_expert)
     compact: bool = False
     history_length: int = 2
     max_steps: int = 50
@@ -38,8 +40,8 @@ class DemoOptions:
     keep_failed: bool = False
 
     def __post_init__(self):
-        if not 0.0 <= self.epsilon < 1.0:
-            raise ValueError(f"epsilon={self.epsilon} must be in [0, 1)")
+        if not (0.0 <= self.epsilon < 1.0 and 0.0 <= self.repeat < 1.0):
+            raise ValueError(f"epsilon={self.epsilon} and repeat={self.repeat} must be in [0, 1)")
         if self.history_length < 0 or self.max_steps < 1:
             raise ValueError("history_length must be >= 0 and max_steps >= 1")
 
@@ -72,7 +74,7 @@ def _expert_of(task: Task) -> str:
 
 def export_demos(tasks: list[Task], out: str, opts: DemoOptions, workers: int | None = None) -> dict:
     """Play every task once with the expert and write the JSONL dataset; returns counts."""
-    jobs = [(t.source, {"max_steps": opts.max_steps, "epsilon": opts.epsilon, "expert": _expert_of(t),
+    jobs = [(t.source, {"max_steps": opts.max_steps, "epsilon": opts.epsilon, "repeat": opts.repeat, "expert": _expert_of(t),
                         "seed": opts.seed * 100003 + i}) for i, t in enumerate(tasks)]
     episodes = []
     with Progress("demos", len(jobs), "episode", description="Expert demonstrations") as bar:
@@ -99,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output .jsonl file")
     p.add_argument("--epsilon", type=float, default=0.0, help="probability of a random admissible action per step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=float, default=0.0,
+                   help="probability of repeating the last command once it is inadmissible (shows recovery)")
     p.add_argument("--compact", action="store_true", help="use the compact prompt template (tiny policies)")
     p.add_argument("--history-length", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=50)
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None)
     a = p.parse_args(argv)
     try:
-        opts = DemoOptions(a.epsilon, a.seed, a.compact, a.history_length, a.max_steps, a.keep_random, a.keep_failed)
+        opts = DemoOptions(epsilon=a.epsilon, seed=a.seed, repeat=a.repeat, compact=a.compact, history_length=a.history_length,
+                           max_steps=a.max_steps, keep_random=a.keep_random, keep_failed=a.keep_failed)
         tasks = load_tasks(a.data, a.split, a.task_types, a.limit)
     except (ValueError, DataNotFoundError) as e:
         print(f"stepopsd-demos: error: {e}", file=sys.stderr)

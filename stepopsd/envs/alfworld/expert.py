@@ -2,7 +2,10 @@
 
 Used for the generator's solvability check (epsilon = 0) and for SFT demonstrations (epsilon > 0
 injects random admissible actions; the expert then has to recover, which is the behaviour an
-imperfect warm start should show). The hand-coded expert draws from Python's global `random`, so
+imperfect warm start should show). `repeat > 0` also injects the tiny policy's most common mistake:
+the last command again when it is no longer admissible (a second `go to` where the agent already
+is, a second `take`), which the engine answers with "Nothing happens."; the expert then carries on,
+so the demonstrations show how to get out of that state. The hand-coded expert draws from Python's global `random`, so
 each episode seeds it; it also iterates over sets of names, so `play_experts` runs episodes in
 processes started with a fixed PYTHONHASHSEED: the same moves on every run.
 """
@@ -34,10 +37,10 @@ class ExpertEpisode:
     error: str = ""  # why the expert could not play (engine/expert exception), empty otherwise
 
 
-def play_expert(gamefile: str, *, max_steps: int = 50, epsilon: float = 0.0, seed: int = 0,
+def play_expert(gamefile: str, *, max_steps: int = 50, epsilon: float = 0.0, repeat: float = 0.0, seed: int = 0,
                 expert: str = "handcoded", engine: AlfWorldEngine | None = None) -> ExpertEpisode:
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon={epsilon} must be in [0, 1): it is the probability of a random action")
+    if not (0.0 <= epsilon < 1.0 and 0.0 <= repeat < 1.0):
+        raise ValueError(f"epsilon={epsilon} and repeat={repeat} must be in [0, 1): they are probabilities per step")
     engine = engine or AlfWorldEngine(expert=expert)
     random.seed(seed)  # the hand-coded expert's tie-breaks
     rng = random.Random(seed + 1)
@@ -47,8 +50,11 @@ def play_expert(gamefile: str, *, max_steps: int = 50, epsilon: float = 0.0, see
         goal = state["goal"]
         for _ in range(max_steps):
             plan = state["expert_plan"]
+            last = steps[-1].action if steps else None
             explore = epsilon > 0 and rng.random() < epsilon
-            if explore or not plan:
+            if repeat > 0 and last is not None and last not in state["admissible"] and rng.random() < repeat:
+                action, is_expert = last, False  # an inadmissible repeat: "Nothing happens."
+            elif explore or not plan:
                 action, is_expert = rng.choice(state["admissible"]), False
             else:
                 action, is_expert = plan[0], True
