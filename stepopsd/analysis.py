@@ -161,6 +161,17 @@ def final(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return rows.sort_values("step", kind="stable").groupby("run_dir", sort=False).tail(1).reset_index(drop=True)
 
 
+def run_mean(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Each run's mean of `metric` over the steps that logged it (one row per run, with `steps`, their count):
+    e.g. the training rollouts' `success/rate`, the area under a run's training curve."""
+    rows = df[df["metric"] == metric]
+    if rows.empty:
+        raise ValueError(f"run_mean: no metric {metric!r}; the frame has {', '.join(sorted(df['metric'].unique())[:6])}, ...")
+    keep = [c for c in rows.columns if c not in ("step", "metric", "value")]
+    out = rows.groupby("run_dir", sort=False).agg(value=("value", "mean"), steps=("step", "nunique")).reset_index()
+    return rows.drop_duplicates("run_dir")[keep].merge(out, on="run_dir").assign(metric=metric)
+
+
 def paired(df: pd.DataFrame, a: str, b: str, by: str = "arm", on: str = "seed", value: str = "value") -> dict:
     """Arm b minus arm a on the seeds both have (one value per run, e.g. `final(...)`): n, the mean difference,
     its standard error sd(d)/sqrt(n), the paired t statistic mean/se (scipy's ttest_rel) and its two-sided

@@ -113,6 +113,18 @@ def test_paired_comparison_on_three_seeds_matches_the_hand_computed_t_test(tmp_p
         A.paired(toy_runs(tmp_path / "again")[lambda d: d.metric.str.startswith("val")], "grpo", "stepopsd")
 
 
+def test_run_mean_averages_each_runs_training_metric_over_its_steps(tmp_path):
+    header = "epoch,step,success/rate,train_step,val_generated/valid_seen/success\n"
+    write_run(tmp_path / "a", header + ",,,0,0.0\n0,0,0.25,1,\n1,1,0.5,2,\n2,2,0.0,3,\n", seed=0)
+    write_run(tmp_path / "b", header + "0,0,1.0,1,\n", algorithm="grpo", seed=0)
+    means = A.run_mean(A.runs_frame(A.find_runs(str(tmp_path / "*"))), "success/rate").set_index("arm")
+    assert means.loc["stepopsd", ["value", "steps"]].tolist() == pytest.approx([0.25, 3])  # (0.25 + 0.5 + 0) / 3
+    assert means.loc["grpo", ["value", "steps", "seed"]].tolist() == [1.0, 1, 0]
+    assert A.paired(means.reset_index(), "grpo", "stepopsd")["mean_diff"] == pytest.approx(-0.75)
+    with pytest.raises(ValueError, match="no metric 'reward/mean'"):
+        A.run_mean(A.runs_frame([str(tmp_path / "a")]), "reward/mean")
+
+
 def test_curves_and_task_bars_draw_the_means_with_their_errors_and_say_generated(tmp_path):
     runs = toy_runs(tmp_path)
     ax = A.curves(runs, "val_generated/valid_seen/success")
