@@ -78,7 +78,8 @@ def run_info(run_dir: str) -> dict:
     return {"run_dir": run_dir, "experiment": choices.get("experiment"), "algorithm": algo,
             "arm": " ".join([algo, *(set_knobs if algo == "stepopsd" else [])]), "seed": cfg["seed"],
             "alpha_clip": knobs.get("alpha_clip"), "lam0": knobs.get("lam0"), "budget_clip": knobs.get("budget_clip"),
-            "task_types": ",".join(cfg["data"]["task_types"]), "data": data_label(header),
+            "task_types": ",".join(cfg["data"]["task_types"]), "val_splits": ",".join(cfg["data"].get("val_splits") or []),
+            "data": data_label(header),
             "env": choices.get("env"), "trial": (cfg.get("trial") or {}).get("number")}
 
 
@@ -112,8 +113,12 @@ def data_title(frame: pd.DataFrame) -> str:
 
 
 def validation_metrics(df: pd.DataFrame) -> list[str]:
-    """The overall validation metrics of a frame (`val_generated/valid_seen/success`, not `..._<type>`), by name."""
-    return sorted(m for m in df["metric"].unique() if re.fullmatch(r"val[^/]*/[^/]+/[a-z]+", m))
+    """The overall validation metrics of a frame (`val_generated/valid_seen/success`, not `..._<type>`), in the
+    order of the runs' `data.val_splits` (the first split's is the run's metric), then by name."""
+    listed = df["val_splits"].dropna().unique() if "val_splits" in df else []
+    splits = next((s.split(",") for s in listed if s), [])
+    found = (m for m in df["metric"].unique() if re.fullmatch(r"val[^/]*/[^/]+/[a-z]+", m))
+    return sorted(found, key=lambda m: (splits.index(m.split("/")[1]) if m.split("/")[1] in splits else len(splits), m))
 
 
 def study_frame(storage: str, study_name: str) -> pd.DataFrame:

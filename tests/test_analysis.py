@@ -15,14 +15,15 @@ from stepopsd import analysis as A  # noqa: E402
 HEADER = "actor/pg_loss,epoch,step,stepopsd/step_sign_agreement,train_step,val_generated/valid_seen/success\n"
 
 
-def write_run(run_dir, csv_text=None, algorithm="stepopsd", seed=0, overrides=(), budget_clip=2.0, version=0):
+def write_run(run_dir, csv_text=None, algorithm="stepopsd", seed=0, overrides=(), budget_clip=2.0, version=0,
+              val_splits=None):
     d = run_dir / "csv" / f"version_{version}"
     d.mkdir(parents=True, exist_ok=True)
     (d / "metrics.csv").write_text(csv_text or HEADER + ",,0,,,0.25\n0.5,0,0,nan,1.0,\n,,1,,,0.5\n")
     (run_dir / ".hydra").mkdir(exist_ok=True)
     knobs = {"stepopsd": {"alpha_clip": 0.1, "lam0": 0.05, "budget_clip": budget_clip}} if algorithm == "stepopsd" else {}
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"seed": seed, "algorithm": {"name": algorithm, **knobs}, "data": {"task_types": ["heat", "cool"]}}))
+        {"seed": seed, "algorithm": {"name": algorithm, **knobs}, "data": {"task_types": ["heat", "cool"], **({"val_splits": val_splits} if val_splits else {})}}))
     (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"algorithm={algorithm}", *overrides]))
     (run_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
         {"hydra": {"runtime": {"choices": {"experiment": "alfworld_heat", "env": "alfworld"}}}}))
@@ -65,7 +66,7 @@ def test_run_info_reads_the_knobs_and_the_arm_from_the_saved_config(tmp_path):
     assert off | {"run_dir": None} == {
         "run_dir": None, "experiment": "alfworld_heat", "algorithm": "stepopsd", "arm": "stepopsd budget_clip=null",
         "seed": 3, "alpha_clip": 0.1, "lam0": 0.05, "budget_clip": None, "task_types": "heat,cool",
-        "data": "generated", "env": "alfworld", "trial": None}
+        "val_splits": "", "data": "generated", "env": "alfworld", "trial": None}
     grpo = A.run_info(write_run(tmp_path / "grpo", HEADER.replace("val_generated/", "val/") + ",,0,,,0.25\n",
                                 algorithm="grpo", overrides=["algorithm.stepopsd.lam0=0.5"]))
     assert (grpo["arm"], grpo["alpha_clip"], grpo["data"]) == ("grpo", None, "official")  # StepOPSD knobs ignored
@@ -111,6 +112,15 @@ def test_paired_comparison_on_three_seeds_matches_the_hand_computed_t_test(tmp_p
         A.paired(finals[~((finals.arm == "grpo") & (finals.seed < 3))], "grpo", "stepopsd")
     with pytest.raises(ValueError, match="one row per run"):
         A.paired(toy_runs(tmp_path / "again")[lambda d: d.metric.str.startswith("val")], "grpo", "stepopsd")
+
+
+def test_validation_metrics_follow_the_runs_split_order(tmp_path):
+    header = "epoch,step,train_step,val_generated/train/success,val_generated/valid_seen/success,val_generated/valid_seen/success_heat\n"
+    write_run(tmp_path / "a", header + ",,0,0.5,0.25,0.25\n", val_splits=["valid_seen", "train"])
+    runs = A.runs_frame([str(tmp_path / "a")])
+    assert A.validation_metrics(runs) == ["val_generated/valid_seen/success", "val_generated/train/success"]
+    assert A.validation_metrics(runs.drop(columns="val_splits")) == ["val_generated/train/success",
+                                                                     "val_generated/valid_seen/success"]  # by name
 
 
 def test_run_mean_averages_each_runs_training_metric_over_its_steps(tmp_path):
