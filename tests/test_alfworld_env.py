@@ -104,7 +104,7 @@ def test_demonstrations_export(tasks, tmp_path):
 
 
 def test_repeat_detours_show_recovery_from_nothing_happens(tasks, tmp_path):
-    """demo repeat: the last command once more when it is no longer admissible; the engine answers
+    """demo repeat: the last command again when it is no longer admissible; the engine answers
     "Nothing happens." and the expert's next step (a target) starts from that observation."""
     jobs = [(t.source, {"seed": i, "repeat": 0.5}) for i, t in enumerate(tasks)]
     episodes = play_experts(jobs, workers=2)

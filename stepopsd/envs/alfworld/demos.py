@@ -3,7 +3,7 @@
 Each line is one agent step of an episode played by the `alfworld` package's expert: the prompt the
 policy would see at that step (the protocol's template, full or compact) and the response
 `<think>...</think><action>...</action>`. With `--epsilon` the episode takes a random admissible
-action with that probability, and with `--repeat` it repeats its last command once more when that is
+action with that probability, and with `--repeat` it repeats its last command again when that is
 no longer admissible ("Nothing happens."); those detours are kept in the later prompts' history (so the data
 shows recovery) but are not training targets unless `--keep-random`. Only episodes the expert
 finishes are written unless `--keep-failed`. Every record says `"data": "generated"` or
