@@ -203,7 +203,8 @@ def paired_text(res: dict, metric: str, data: str, level: float = 0.05) -> str:
     if np.isnan(res["p"]):
         return f"{head} (no t-test: {'one seed' if res['n'] < 2 else 'every difference is equal'})"
     verdict = "significant" if res["p"] < level else "not significant"
-    return f"{head} ± {res['se']:.4f} (SE), paired t = {res['t']:.2f}, p = {res['p']:.3f}: {verdict} at {level}"
+    p = f"{res['p']:.3f}" if res["p"] >= 0.001 else f"{res['p']:.1e}"  # never "p = 0.000"
+    return f"{head} ± {res['se']:.4f} (SE), paired t = {res['t']:.2f}, p = {p}: {verdict} at {level}"
 
 
 def provenance(argv: list[str] | None = None) -> str:

@@ -104,7 +104,8 @@ def test_paired_comparison_on_three_seeds_matches_the_hand_computed_t_test(tmp_p
     # 1/2 + t/(2 sqrt(t^2 + 2)), so p = 1 - t/sqrt(t^2 + 2) = 1 - 3.464102/3.741657 = 0.074180
     assert (res["n"], res["seeds"]) == (3, [0, 1, 2])
     assert [res["mean_diff"], res["se"], res["t"], res["p"]] == pytest.approx([0.2, 0.057735, 3.464102, 0.074180], abs=1e-6)
-    assert "not significant at 0.05" in A.paired_text(res, "val_generated/valid_seen/success", "generated games")
+    assert "p = 0.074: not significant at 0.05" in A.paired_text(res, "val_generated/valid_seen/success", "generated games")
+    assert "p = 1.7e-04: significant" in A.paired_text(res | {"p": 1.7e-4}, "m", "generated games")
     same = A.paired(finals.assign(value=0.5), "grpo", "stepopsd")
     assert same["mean_diff"] == 0 and math.isnan(same["t"])
     assert "every difference is equal" in A.paired_text(same, "m", "generated games")
