@@ -58,6 +58,9 @@ class TinySFTConfig:
             raise ValueError(f"sft: env={self.env!r} must be alfworld or search (search needs a corpus)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_tokens < 32 or self.episodes_per_game < 1:
             raise ValueError("sft: need epochs >= 1, batch_size >= 1, lr > 0, max_tokens >= 32 and episodes_per_game >= 1")
+        if not (0.0 <= self.demo_epsilon < 1.0 and 0.0 <= self.demo_repeat < 1.0):
+            raise ValueError(f"sft: demo_epsilon={self.demo_epsilon} and demo_repeat={self.demo_repeat} are probabilities "
+                             "per demonstration step: each must be in [0, 1)")
         object.__setattr__(self, "task_types", tuple(self.task_types))
 
     def key(self) -> str:

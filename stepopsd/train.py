@@ -253,7 +253,11 @@ def check_model(cfg: DictConfig) -> None:
     loads, has an eos token (generation stops at it) and, with model.chat_template=true, a chat template.
     A hub id is left to the loader (it may be cached or downloadable)."""
     m = cfg.model
-    if m.kind == "tiny":
+    if m.kind == "tiny":  # its SFT knobs, before the games and demonstrations are made
+        try:
+            TinySFTConfig(data="", env=cfg.env.name, corpus="-", **OmegaConf.to_container(m.sft))
+        except ValueError as e:
+            raise ConfigError(f"model.{e}") from None
         return
     folder = m.tokenizer if m.get("init") == "random" else m.name_or_path
     if not folder:

@@ -131,6 +131,8 @@ CASES = {  # name -> (overrides given `bad` paths, what the one line must name)
     "resume and ckpt_path": (lambda b: ["resume=auto", f"ckpt_path={b['ckpt']}"], "choose one"),
     "resume of no folder": (lambda b: [f"resume={b['missing']}"], "no such run folder"),
     "unknown objective": (lambda b: ["optimized_metric=val/nope"], "val/nope"),
+    "demo repeat not a probability": (lambda b: ["model.sft.demo_repeat=1.5"], "demo_repeat=1.5"),
+    "no SFT epochs": (lambda b: ["model.sft.epochs=0"], "model.sft: need epochs >= 1"),
     # data
     "missing data folder": (lambda b: [f"data.path={b['missing']}"], "no ALFWorld games"),
     "empty data folder": (lambda b: [f"data.path={b['empty']}"], "no ALFWorld games"),
