@@ -22,6 +22,9 @@ from stepopsd.analysis import (curves, data_title, find_runs, final, paired, pai
                                save, summarise, validation_metrics)
 
 
+PAIRS = (("grpo", "stepopsd"), ("stepopsd budget_clip=null", "stepopsd"), ("grpo", "stepopsd budget_clip=null"))  # (a, b): b - a
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", help=f"run directories or globs, {os.pathsep!r}-separated")
@@ -45,7 +48,7 @@ def main() -> None:
             print(f"| {experiment} | {arm} | {int(e['n'])} | {s['mean']:.3f} ± {s['se']:.3f} | {e['mean']:.3f} ± {e['se']:.3f} "
                   f"| {g['mean']:+.3f} ± {g['se']:.3f} |")
         arms = set(end["arm"])
-        for a, b in (("grpo", "stepopsd"), ("stepopsd budget_clip=null", "stepopsd"), ("grpo", "stepopsd budget_clip=null")):
+        for a, b in PAIRS:
             if {a, b} <= arms:
                 print(f"\n{experiment}: {paired_text(paired(end, a, b), metric, data_title(sub))}")
         if (sub["metric"] == args.training).any():
@@ -54,7 +57,7 @@ def main() -> None:
                   f"{int(per_run['steps'].median())} steps, mean ± SE over seeds: " + "; ".join(
                       f"{arm} {r['mean']:.3f} ± {r['se']:.3f} (n={int(r['n'])})"
                       for arm, r in summarise(per_run, by="arm").set_index("arm").iterrows()))
-            for a, b in (("grpo", "stepopsd"), ("stepopsd budget_clip=null", "stepopsd"), ("grpo", "stepopsd budget_clip=null")):
+            for a, b in PAIRS:
                 if {a, b} <= set(per_run["arm"]):
                     print(f"\n{experiment}: {paired_text(paired(per_run, a, b), args.training + ' (training rollouts)', data_title(sub))}")
         ax = curves(sub, metric)
