@@ -10,9 +10,10 @@ hook is one dictionary lookup.
         rescore   inside the teacher's rescoring, before the advantages are written back
         update    after the first micro-batch's backward, before the optimizer step
         save      inside the checkpoint write of that step, the new file half written
-    STEPOPSD_TEST_ENV_FAULTS=crash:<p>,hang:<p>   every batch an env worker runs (resets and steps) crashes
-        that worker (the process exits) with probability p; a batch of steps hangs it past its timeout with
-        probability p
+    STEPOPSD_TEST_ENV_FAULTS=crash:<p>,hang:<p>[,seed:<n>]   every batch an env worker runs (resets and
+        steps) crashes that worker (the process exits) with probability p; a batch of steps hangs it past its
+        timeout with probability p. The pool draws these per batch it sends, from one stream seeded with n
+        (default 0), so a run that sends the same batches gets the same faults every time.
 """
 from __future__ import annotations
 
@@ -55,27 +56,43 @@ def maybe_kill(point: str, step: int, file=None) -> None:
 
 
 def env_faults() -> dict[str, float]:
-    """{'crash': p, 'hang': p} from STEPOPSD_TEST_ENV_FAULTS (empty when unset)."""
+    """{'crash': p, 'hang': p, 'seed': n} from STEPOPSD_TEST_ENV_FAULTS (empty when unset)."""
     spec = os.environ.get("STEPOPSD_TEST_ENV_FAULTS", "")
     out = {}
     for part in filter(None, spec.split(",")):
-        kind, _, p = part.partition(":")
-        if kind not in ("crash", "hang"):
-            raise ValueError(f"STEPOPSD_TEST_ENV_FAULTS={spec!r}: use crash:<p>,hang:<p>")
-        out[kind] = float(p)
+        kind, _, value = part.partition(":")
+        try:
+            out[kind] = int(value) if kind == "seed" else float(value)
+        except ValueError:
+            kind = ""
+        if kind not in ("crash", "hang", "seed"):
+            raise ValueError(f"STEPOPSD_TEST_ENV_FAULTS={spec!r}: use crash:<p>,hang:<p>[,seed:<n>]")
     return out
 
 
-_rng = random.Random()  # one stream per worker process (seeded by the OS)
+_draws: random.Random | None = None  # the pool's fault stream, seeded on first use
 
 
-def maybe_fail_worker(hang: bool = True, hang_seconds: float = 3600.0) -> None:
-    """In an env worker, before it runs a batch: crash it, or (`hang`) hang it, as STEPOPSD_TEST_ENV_FAULTS says."""
+def draw_worker_fault(op: str) -> str:
+    """In the pool, for each batch it sends a worker: '' (no fault), 'crash' or 'hang' (batches of steps only),
+    as STEPOPSD_TEST_ENV_FAULTS says; the worker acts it out (`act_worker_fault`)."""
+    global _draws
     faults = env_faults()
     if not faults:
-        return
-    u = _rng.random()
+        return ""
+    if _draws is None:
+        _draws = random.Random(faults.get("seed", 0))
+    u = _draws.random()
     if u < faults.get("crash", 0.0):
+        return "crash"
+    if op == "step" and u < faults.get("crash", 0.0) + faults.get("hang", 0.0):
+        return "hang"
+    return ""
+
+
+def act_worker_fault(fault: str, hang_seconds: float = 3600.0) -> None:
+    """In an env worker, before it runs a batch: crash, or hang, as the pool drew (`draw_worker_fault`)."""
+    if fault == "crash":
         os._exit(70)  # what a segfaulting engine looks like to the parent: EOF on the pipe
-    if hang and u < faults.get("crash", 0.0) + faults.get("hang", 0.0):
+    if fault == "hang":
         time.sleep(hang_seconds)  # the parent's deadline kills and replaces this worker

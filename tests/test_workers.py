@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from stepopsd import faults
 from stepopsd.envs.workers import EnvWorkerPool, SlotResult
 from toy_engines import CounterEngine
 
@@ -148,7 +149,7 @@ def test_close_idempotent_and_reaps_children():
 def test_close_kills_hung_worker():
     p = EnvWorkerPool(CounterEngine, 1, step_timeout=30.0)
     p.reset(["a"])
-    p._workers[0].conn.send(("step", [(0, "hang")]))  # leave the worker busy, as a hung step would
+    p._workers[0].conn.send(("step", [(0, "hang")], ""))  # leave the worker busy, as a hung step would
     t0 = time.monotonic()
     p.close()
     assert time.monotonic() - t0 < 5.0 and mp.active_children() == []
@@ -207,6 +208,7 @@ def test_crash_during_reset_and_worker_killed_between_calls():
 def test_injected_faults_reach_the_spawned_workers(monkeypatch):
     """STEPOPSD_TEST_ENV_FAULTS, the reliability tests' knob: crash:1 exits a worker on its first batch (a reset
     too); hang:1 hangs a batch of steps past the timeout (never a reset). Either way only its slots fail."""
+    monkeypatch.setattr(faults, "_draws", None)
     monkeypatch.setenv("STEPOPSD_TEST_ENV_FAULTS", "crash:1.0")
     with EnvWorkerPool(CounterEngine, 2, step_timeout=1.0) as p:
         results = p.reset(["a", "b"])
@@ -217,3 +219,23 @@ def test_injected_faults_reach_the_spawned_workers(monkeypatch):
         out = p.step({0: "go", 1: "go"})
         assert all(r.failed and r.error.startswith("step timed out after 1.0 s") for r in out.values())
         assert p.worker_restarts == 2
+
+
+def test_injected_faults_are_drawn_by_the_pool_from_a_seeded_stream(monkeypatch):
+    """One draw per batch sent, from random.Random(seed): the same run gets the same faults every time (a
+    worker's own OS-seeded stream made the reliability test pass or fail by chance). random.Random(1) begins
+    0.134, 0.847, 0.764, 0.255, 0.495, 0.449, 0.652, 0.789, 0.094, 0.028: below crash=0.2 is a crash, below
+    crash + hang = 0.3 a hang, which only a batch of steps gets."""
+    monkeypatch.setenv("STEPOPSD_TEST_ENV_FAULTS", "crash:0.2,hang:0.1,seed:1")
+    drawn = []
+    for op in ("step", "step", "reset"):
+        monkeypatch.setattr(faults, "_draws", None)
+        drawn.append([faults.draw_worker_fault(op) for _ in range(10)])
+    assert drawn[0] == drawn[1] == ["crash", "", "", "hang", "", "", "", "", "crash", "crash"]
+    assert drawn[2] == ["crash", "", "", "", "", "", "", "", "crash", "crash"]
+    monkeypatch.delenv("STEPOPSD_TEST_ENV_FAULTS")
+    assert faults.draw_worker_fault("step") == ""
+    for bad in ("crash:often", "slow:0.1", "seed:1.5"):
+        monkeypatch.setenv("STEPOPSD_TEST_ENV_FAULTS", bad)
+        with pytest.raises(ValueError, match=r"use crash:<p>,hang:<p>\[,seed:<n>\]"):
+            faults.env_faults()

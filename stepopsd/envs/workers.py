@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence
 
-from stepopsd.faults import maybe_fail_worker
+from stepopsd.faults import act_worker_fault, draw_worker_fault
 
 __all__ = ["Engine", "EnvWorkerPool", "SlotResult"]
 _VERB = {"step": "stepping", "reset": "resetting"}
@@ -110,12 +110,12 @@ def _worker_main(conn, factory: Callable[[], Engine]) -> None:
     engines: dict = {}
     while True:
         try:
-            op, items = conn.recv()
+            op, items, fault = conn.recv()
         except (EOFError, OSError):  # the parent went away
             op = "close"
         if op == "close":
             return _drop_engines(engines)
-        maybe_fail_worker(hang=op == "step")  # tests only (STEPOPSD_TEST_ENV_FAULTS): crash or hang here
+        act_worker_fault(fault)  # tests only (STEPOPSD_TEST_ENV_FAULTS): crash or hang here
         results = _run_batch(engines, factory, op, items)
         try:
             conn.send(results)
@@ -131,7 +131,7 @@ class _Worker(NamedTuple):
 def _stop_workers(workers: list, grace: float = 1.0) -> None:
     for w in workers:
         try:
-            w.conn.send(("close", None))
+            w.conn.send(("close", None, ""))
         except Exception:
             pass
     deadline = time.monotonic() + grace
@@ -316,7 +316,7 @@ class EnvWorkerPool:
         try:
             for idx, items in batches.items():
                 try:
-                    self._workers[idx].conn.send((op, items))
+                    self._workers[idx].conn.send((op, items, draw_worker_fault(op)))
                     pending[self._workers[idx].conn] = idx
                 except OSError:  # its end of the pipe is gone: the process died
                     broken[idx] = "crashed"
