@@ -73,12 +73,13 @@ def test_a_killed_sweep_resumes_without_losing_or_repeating_a_trial(games, cache
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
-        while time.time() < deadline:  # kill it while its second trial runs
-            try:
-                states = [t.state for t in trials(tmp_path, "killed")]
+        while time.time() < deadline:  # kill it while its second trial runs: asked, its parameters drawn
+            try:  # (a trial is RUNNING from inside `ask`, before its parameters are written one by one)
+                ts = trials(tmp_path, "killed")
             except KeyError:  # the study is not created yet
-                states = []
-            if states == [TrialState.COMPLETE, TrialState.RUNNING]:
+                ts = []
+            states = [t.state for t in ts]
+            if states == [TrialState.COMPLETE, TrialState.RUNNING] and len(ts[1].params) == 2:
                 break
             assert proc.poll() is None, f"the sweep ended before it could be killed: {states}"
             time.sleep(0.2)

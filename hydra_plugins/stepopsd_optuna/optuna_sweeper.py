@@ -9,7 +9,8 @@ sweep left RUNNING for ever. This one keeps its YAML surface (`hydra.sweeper.par
   mean, each seed's value is kept on the trial (`seeds`, `seed_values`, `job_dirs` user attributes);
 - resume: the study lives on `storage` (SQLite, or `journal:///file` across nodes), the same command run
   again continues it to `n_trials` trials in total; trials a killed sweep left RUNNING are marked FAIL
-  (`interrupted`) and asked again with the same parameters;
+  (`interrupted`) and asked again with the same parameters (one killed inside `ask`, before all of its
+  parameters were drawn, keeps the ones it had and draws the rest; its jobs had not started);
 - pruning: `pruner` (an Optuna pruner, `_target_`); the first seed's job reports every validation to its trial
   and stops early when pruned (stepopsd/sweep.py), recorded PRUNED;
 - a crashing trial is recorded FAIL (its traceback in `<job dir>/error.txt`) and the sweep goes on until more
