@@ -10,6 +10,7 @@ the FIRST split, `val/valid_seen/success` in the ALFWorld paper configs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
@@ -258,6 +259,9 @@ def check_model(cfg: DictConfig) -> None:
             TinySFTConfig(data="", env=cfg.env.name, corpus="-", **OmegaConf.to_container(m.sft))
         except ValueError as e:
             raise ConfigError(f"model.{e}") from None
+        except TypeError as e:  # a key TinySFTConfig does not have (added with +model.sft.<key>=...)
+            known = ", ".join(k for k in m.sft if k in {f.name for f in dataclasses.fields(TinySFTConfig)})
+            raise ConfigError(f"model.sft: {str(e).split('argument ')[-1]} is not a tiny-SFT knob; known: {known}") from None
         return
     folder = m.tokenizer if m.get("init") == "random" else m.name_or_path
     if not folder:
