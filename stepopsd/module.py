@@ -16,6 +16,18 @@ loss is weighted by min(pi_old / pi_rollout, cap).
 Under trainer=fsdp (ModelParallelStrategy) `configure_model` shards the policy with FSDP2: every micro-batch
 reduce-scatters, all ranks run as many micro-batches, and rollouts run inside `full_weights()`
 (experiments/launch/README.md, "FSDP").
+
+Several ranks (trainer=ddp / fsdp) hold different rows (ALFWorld's rows follow episode lengths). One update is
+one pass over the union of their rows, as in one process:
+- mini-batches: `mini_batch_rows` is the global mini-batch; the number of optimizer steps is ceil(all ranks'
+  rows / mini_batch_rows), the same on every rank, and each rank cuts its own shuffled rows into that many
+  near-equal parts: optimizer step i trains on the union of every rank's part i (a rank with fewer rows than
+  steps joins the empty ones with a zero-weight stand-in row, so the collectives still match);
+- normalisers: every term of Eq. 14 (surrogate, entropy, KL) divides by the union's count for its aggregation
+  mode (tokens, non-empty rows or rows, summed over ranks; Dr.GRPO's horizon the widest rank's), and each rank's
+  backward is scaled by the world size, because DDP and FSDP average gradients over ranks (verl's `agg_loss`);
+- decisions: the log-prob gap, a non-finite update (and, elsewhere, env and teacher failures) are decided on
+  values reduced across ranks (`stepopsd.ranks`), so every rank stops, or skips, in the same step.
 """
 from __future__ import annotations
 
@@ -28,8 +40,9 @@ import lightning as L
 import torch
 import torch.utils.checkpoint
 
-from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_norm, entropy_from_logits, kl_k3,
-                                     policy_loss, ppo_stats, truncated_is_weights)
+from stepopsd import ranks
+from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_counts, aggregation_norm,
+                                     entropy_from_logits, kl_k3, policy_loss, ppo_stats, truncated_is_weights)
 from stepopsd.data.batch import RolloutBatch, micro_batches
 from stepopsd.errors import RunFailed, UserError
 from stepopsd.faults import maybe_kill
@@ -171,12 +184,18 @@ class GRPOModule(L.LightningModule):
     def accumulate(self, batch: RolloutBatch, index: torch.Tensor, *, weight: float = 1.0) -> dict[str, torch.Tensor]:
         """Forward and backward of one mini-batch (rows `index`) in micro-batches, gradients accumulated
         (not zeroed here, no optimizer step); under DDP only the last micro-batch all-reduces. Returns the
-        mini-batch's loss terms and, flattened over its response tokens, log-probs / rollout log-probs /
-        advantages for the diagnostics."""
+        mini-batch's loss terms (the union's over all ranks, for the logs) and, flattened over its response
+        tokens, log-probs / rollout log-probs / advantages for the diagnostics. `weight` 0: this rank has no
+        rows in this mini-batch (`index` is a stand-in row that joins the collectives with no gradient).
+
+        Across ranks (Eq. 14 over the union of the ranks' rows): the normaliser is `global_norm`'s, and each
+        rank's backward is scaled by the world size, so that DDP's / FSDP's gradient averaging gives the
+        gradient of one pass over the union."""
         ppo = self.ppo
         masks = batch.rows(index)  # the whole mini-batch's response window fixes every term's normaliser
         whole = left_align({"loss_mask": masks["loss_mask"]}, masks["attention_mask"])["loss_mask"]
-        norm = aggregation_norm(whole[:, -tail_width(whole):], ppo.agg)
+        norm = self.global_norm(whole[:, -tail_width(whole):], counted=weight > 0)
+        world = ranks.world_size()
         lengths = batch.attention_mask[index].sum(1)
         parts = micro_batches(index, lengths, rows=ppo.micro_batch_rows or ppo.mini_batch_rows,
                               tokens=ppo.micro_batch_tokens)
@@ -188,16 +207,16 @@ class GRPOModule(L.LightningModule):
             rows = {k: v.to(self.device) for k, v in batch.rows(micro).items()}
             with self._grad_sync(j == len(parts) - 1):
                 loss, out = self.mini_batch_loss(rows, norm)
-                scale = weight if j < real else 0.0  # padding: a pass with no gradient (see _micro_batch_padding)
+                scale = weight * world if j < real else 0.0  # padding: a pass with no gradient (_micro_batch_padding)
                 if self._trainer is not None:
                     self.manual_backward(loss * scale)
                 else:  # outside a Trainer (tests, benchmarks): plain autograd
                     (loss * scale).backward()
             if j >= real:
                 continue
-            for k in ("pg_loss", "entropy", "kl_ref"):
+            for k in ("pg_loss", "entropy", "kl_ref"):  # this rank's share x world: the ranks' mean is the union's
                 if k in out:
-                    sums[k] = sums.get(k, 0.0) + out[k]
+                    sums[k] = sums.get(k, 0.0) + out[k] * (world * weight)
             keep = out["tail"]["loss_mask"] > 0
             flat["logp"].append(out["logp"][keep])
             for k in ("rollout_logp", "advantages"):
@@ -205,9 +224,19 @@ class GRPOModule(L.LightningModule):
             flat["old_logp"].append(out["tail"].get("trainer_logp", out["tail"]["rollout_logp"])[keep])
         return sums | {k: torch.cat(v) for k, v in flat.items()}
 
+    def global_norm(self, mask: torch.Tensor, *, counted: bool = True) -> tuple[float, int]:
+        """`aggregation_norm` of the union of every rank's mini-batch: this rank's count (tokens, non-empty rows
+        or rows, by `ppo.agg`; 0 when not `counted`) summed over ranks, the horizon (Dr.GRPO's T, the response
+        window) the largest rank's; one all-reduce. One process: `aggregation_norm(mask)` itself."""
+        count, horizon = aggregation_counts(mask, self.ppo.agg) if counted else (0, 0)
+        table = ranks.gather([count, horizon])
+        return float(max(int(table[:, 0].sum()), 1)), int(table[:, 1].max()) or int(mask.shape[-1])
+
     def _grad_sync(self, sync: bool):
-        """DDP all-reduces gradients in every backward unless blocked: only the last micro-batch syncs."""
-        block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else None
+        """DDP all-reduces gradients in every backward unless blocked: only the last micro-batch syncs (outside a
+        Trainer: a policy wrapped in torch's DistributedDataParallel, blocked with its `no_sync`)."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None) if self._trainer is not None else \
+            getattr(self.policy, "no_sync", None)
         return contextlib.nullcontext() if sync or block is None else block()
 
     def _micro_batch_padding(self, count: int) -> int:
@@ -227,6 +256,24 @@ class GRPOModule(L.LightningModule):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         opt = self.optimizers()
+        metrics = self.update(batch, opt)
+        lr = opt.param_groups[0]["lr"]  # the rate this step's updates used
+        self.lr_schedulers().step()
+        tokens = batch.attention_mask.sum().item()
+        seconds = time.perf_counter() - t0
+        logged = {k: sum(v) / len(v) for k, v in metrics.items()}
+        if self.device.type == "cuda":  # the update's peak (rollout and rescoring peaks are their own)
+            logged["perf/update_peak_gpu_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        logged |= {"time/update_s": seconds, "perf/update_tokens_per_s": tokens / seconds,
+                   "train_step": float(self.current_epoch + 1),  # training steps done (one per Lightning epoch)
+                   "actor/lr": lr}
+        self.log_dict(logged, on_step=True, prog_bar=False, sync_dist=True, batch_size=batch.num_rows)
+        return None
+
+    def update(self, batch: RolloutBatch, opt) -> dict[str, list[float]]:
+        """One PPO update on a rollout batch: `ppo.epochs` passes of shuffled mini-batches, one optimizer step
+        each (`opt`), with the on-policy log-prob check before the first step; returns the metrics' values per
+        mini-batch. The gradients are freed at the end. Usable outside a Trainer (tests, benchmarks)."""
         ppo = self.ppo
         self.policy.train()
         metrics: dict[str, list[float]] = {}
@@ -249,7 +296,7 @@ class GRPOModule(L.LightningModule):
                 logp, old, adv = out["logp"][None], out["old_logp"][None], out["advantages"][None]
                 ones = torch.ones_like(logp)
                 if epoch == 0 and i == 0 and not ppo.rollout_is_cap:  # no optimizer step yet: the policy is the rollout's
-                    self._check_logp_gap(logp, out["rollout_logp"][None], ones, metrics)
+                    self._check_logp_gap(logp, out["rollout_logp"][None], ones * weight, metrics)
                 if "kl_ref" in out:
                     _add(metrics, "actor/kl_ref", out["kl_ref"].item())
                 if epoch == 0 and i == 0:
@@ -265,24 +312,16 @@ class GRPOModule(L.LightningModule):
                 _add(metrics, "actor/grad_norm", grad_norm.item())
                 for k in ("approx_kl", "clip_fraction", "ratio_mean"):
                     _add(metrics, f"actor/{k}", stats[k])
-        lr = opt.param_groups[0]["lr"]  # the rate this step's updates used
-        self.lr_schedulers().step()
-        tokens = batch.attention_mask.sum().item()
-        seconds = time.perf_counter() - t0
-        logged = {k: sum(v) / len(v) for k, v in metrics.items()}
-        if self.device.type == "cuda":  # the update's peak (rollout and rescoring peaks are their own)
-            logged["perf/update_peak_gpu_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        logged |= {"time/update_s": seconds, "perf/update_tokens_per_s": tokens / seconds,
-                   "train_step": float(self.current_epoch + 1),  # training steps done (one per Lightning epoch)
-                   "actor/lr": lr}
-        self.log_dict(logged, on_step=True, prog_bar=False, sync_dist=True, batch_size=batch.num_rows)
-        return None
+        opt.zero_grad(set_to_none=True)  # the last step's gradients are not kept through the next rollout
+        return metrics
 
     def _finite_update(self, out: dict, grad_norm: torch.Tensor, metrics: dict) -> bool:
         """Whether an update's loss and gradient norm are finite. A non-finite one is skipped and counted
         (`actor/skipped_updates`); after `ppo.max_nonfinite_updates` skipped in a row the run stops with a
-        `NonFiniteError` naming the last checkpoint (the weights are still the last good ones)."""
+        `NonFiniteError` naming the last checkpoint (the weights are still the last good ones). Decided on every
+        rank together: a non-finite value on any rank skips the update everywhere."""
         finite = bool(torch.isfinite(grad_norm)) and all(bool(torch.isfinite(out[k])) for k in ("pg_loss", "entropy"))
+        finite = not ranks.any_rank(not finite)  # one rank's NaN skips the update on every rank (the same streak)
         _add(metrics, "actor/skipped_updates", float(not finite))
         self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
         if self.nonfinite_streak >= self.ppo.max_nonfinite_updates:
@@ -304,12 +343,12 @@ class GRPOModule(L.LightningModule):
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.ppo.max_grad_norm)
 
     def _num_mini_batches(self, rows: int) -> int:
-        """ceil(rows / mini_batch_rows), the same on every rank: under DDP each backward is an all-reduce,
-        so ranks with fewer rows split them into as many (smaller) mini-batches as the largest rank."""
-        chunks = -(-rows // self.ppo.mini_batch_rows)
-        if self.trainer.world_size > 1:
-            chunks = int(self.trainer.strategy.reduce(torch.tensor(float(chunks), device=self.device), reduce_op="max"))
-        return max(1, chunks)
+        """ceil(all ranks' rows / mini_batch_rows), the same on every rank: `mini_batch_rows` is the global
+        mini-batch (verl's `ppo_mini_batch_size`), and each rank splits its own rows into that many near-equal
+        parts, so optimizer step i trains on the union of every rank's part i (at most about mini_batch_rows
+        rows) and every rank takes the same number of optimizer steps."""
+        total = int(ranks.reduce([float(rows)])[0])
+        return max(1, -(-total // self.ppo.mini_batch_rows))
 
     def on_train_end(self) -> None:
         """Under DDP, check that every rank ends with the same weights (a fingerprint per rank). Under FSDP each
@@ -340,13 +379,13 @@ class GRPOModule(L.LightningModule):
 
     def _check_logp_gap(self, logp, rollout_logp, mask, metrics):
         """The policy has not been updated yet in this step: trainer and rollout log-probs must agree. Logs the
-        mean and the largest per-token gap; a mean past `logp_gap_threshold` stops the run."""
-        diff = (logp - rollout_logp).abs() * mask
-        gap = diff.sum() / mask.sum().clamp(min=1)
-        _add(metrics, "rollout/logp_gap_mean", gap.item())
-        _add(metrics, "rollout/logp_gap_max", diff.max().item() if diff.numel() else 0.0)
-        if gap.item() > self.ppo.logp_gap_threshold:
-            raise LogpGapError(f"trainer and rollout log-probs differ by {gap.item():.4f} per token (threshold "
+        mean and the largest per-token gap over every rank's tokens (`logp_gap`); a mean past
+        `logp_gap_threshold` stops the run, on every rank in the same step."""
+        gap, worst = logp_gap(logp, rollout_logp, mask)
+        _add(metrics, "rollout/logp_gap_mean", gap)
+        _add(metrics, "rollout/logp_gap_max", worst)
+        if gap > self.ppo.logp_gap_threshold:
+            raise LogpGapError(f"trainer and rollout log-probs differ by {gap:.4f} per token (threshold "
                                f"{self.ppo.logp_gap_threshold}): the rollout engine's weights were not synced after "
                                "the last update, or it samples at another temperature, or the tokenisation drifted; "
                                "raise ppo.logp_gap_threshold only if you know why")
@@ -399,6 +438,17 @@ def logp_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     else:
         pairs = [torch.utils.checkpoint.checkpoint(row, z, t, use_reentrant=False) for z, t in zip(logits, targets)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def logp_gap(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, max) of |trainer - rollout| log-prob over the tokens under `mask`, over the union of every rank's
+    tokens (one all-reduce; one process: its own), so every rank sees the same gap and takes the same decision."""
+    diff = (logp - rollout_logp).abs() * mask
+    worst = diff.max().item() if diff.numel() else 0.0
+    if ranks.world_size() < 2:
+        return (diff.sum() / mask.sum().clamp(min=1)).item(), worst
+    table = ranks.gather([diff.sum().item(), mask.sum().item(), worst])
+    return float(table[:, 0].sum() / table[:, 1].sum().clamp(min=1)), float(table[:, 2].max())
 
 
 def _add(metrics: dict, key: str, value: float) -> None:

@@ -85,22 +85,30 @@ def uniform_group_fraction(rewards: torch.Tensor, group_ids: torch.Tensor) -> fl
 # ----------------------------------------------------------------------------------------------
 # Eq. 14 - aggregation and the clipped surrogate
 # ----------------------------------------------------------------------------------------------
+def aggregation_counts(mask: torch.Tensor, agg: str) -> tuple[int, int]:
+    """(count, horizon) of a mini-batch mask [B, T] before any clamping: token_mean counts the mask's tokens,
+    seq_mean_token_mean its rows with >= 1 token, seq_mean_token_sum_norm its rows; horizon = T. Several
+    ranks' counts add up (and their horizons take the max) to the union's (`GRPOModule.accumulate`)."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown agg {agg!r}; use one of {', '.join(AGGREGATIONS)}")
+    keep = mask.bool()
+    if agg == "token_mean":
+        count = int(keep.sum())
+    elif agg == "seq_mean_token_mean":
+        count = int((keep.sum(dim=-1) > 0).sum())
+    else:
+        count = mask.shape[0]
+    return count, int(mask.shape[-1])
+
+
 def aggregation_norm(mask: torch.Tensor, agg: str) -> tuple[float, int]:
     """(denominator, horizon) of `aggregate` for a whole mini-batch mask [B, T]: what each of its
     micro-batches must divide by so that their summed losses equal the one-pass loss (Eq. 14 under
     gradient accumulation). token_mean: the mask's token count; seq_mean_token_mean: its rows with
     >= 1 token; seq_mean_token_sum_norm: its row count. horizon = T (the Dr.GRPO constant length).
     Counts are clamped to >= 1 (an all-zero mask aggregates to 0)."""
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"unknown agg {agg!r}; use one of {', '.join(AGGREGATIONS)}")
-    keep = mask.bool()
-    if agg == "token_mean":
-        denom = int(keep.sum())
-    elif agg == "seq_mean_token_mean":
-        denom = int((keep.sum(dim=-1) > 0).sum())
-    else:
-        denom = mask.shape[0]
-    return float(max(denom, 1)), int(mask.shape[-1])
+    count, horizon = aggregation_counts(mask, agg)
+    return float(max(count, 1)), horizon
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str, *,

@@ -1,0 +1,113 @@
+"""Several ranks holding different rows train as one process on the union of their rows (issue 19, item 1).
+
+Two gloo processes hold deliberately uneven rows: rank 0 eight rows with long responses, rank 1 three short ones
+(about 4x fewer loss tokens), split into different numbers of micro-batches. After one update, under torch's
+DistributedDataParallel and under FSDP2 (`fully_shard`, as trainer=fsdp), the weights must equal those of a
+single process (this test's own, no process group) updating on the union of both ranks' rows, for every
+aggregation mode of Eq. 14: the loss normaliser is the union's, and DDP's / FSDP's gradient averaging must not
+weigh a short rank's tokens more. Two layouts: one optimizer step over all rows, and two optimizer steps
+(`mini_batch_rows` is the global mini-batch: step i trains on the union of every rank's part i).
+"""
+import os
+
+import pytest
+import torch
+
+from stepopsd.algorithms.grpo import AGGREGATIONS
+from test_fsdp import _free_port, _policy, _shard
+from test_scale import synthetic_batch
+
+VOCAB = 64
+ROWS = {0: [(6, 12), (3, 14), (9, 10), (4, 13), (7, 11), (2, 15), (5, 12), (8, 9)],  # 96 response tokens
+        1: [(11, 3), (4, 2), (6, 4)]}  # 9 response tokens
+LAYOUTS = {"one_step": 16, "two_steps": 6}  # mini_batch_rows: ceil(11 / 16) = 1, ceil(11 / 6) = 2 optimizer steps
+
+
+def _module(agg: str, mini_batch_rows: int, sharding=None):
+    from stepopsd.module import GRPOModule, PPOConfig
+
+    ppo = PPOConfig(lr=1e-3, agg=agg, kl_coef=0.05, entropy_coef=0.01, mini_batch_rows=mini_batch_rows,
+                    micro_batch_tokens=60, max_grad_norm=1e3, logp_gap_threshold=1e9)
+    module = GRPOModule(_policy(), ppo, sharding=sharding)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
+        for p in module.reference.parameters():
+            p.add_(0.01 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    return module
+
+
+def _weights(module) -> list[torch.Tensor]:
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in module.policy.parameters()]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stepopsd.policy.sharding import ShardingConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        batch = synthetic_batch(VOCAB, ROWS[rank], seed=rank)
+        result = {}
+        for agg in AGGREGATIONS:
+            for layout, mini in LAYOUTS.items():
+                ddp = _module(agg, mini)
+                ddp.policy = DistributedDataParallel(ddp.policy)  # averages gradients over the ranks, as trainer=ddp
+                ddp.update(batch, ddp.configure_optimizers()["optimizer"])
+                fsdp = _shard(_module(agg, mini, ShardingConfig()), world)
+                fsdp.update(batch, fsdp.configure_optimizers()["optimizer"])
+                result[agg, layout] = {"ddp": _weights(ddp), "fsdp": _weights(fsdp)}
+        if rank == 0:
+            torch.save(result, os.path.join(out, "ranks.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _union_update(agg: str, mini: int) -> list[torch.Tensor]:
+    """One process, no process group: the same update on the union of both ranks' rows, optimizer step i on the
+    union of each rank's part i of its own shuffled rows (the split every rank makes, `GRPOModule.update`)."""
+    import dataclasses
+
+    from stepopsd.data.batch import RolloutBatch
+
+    parts = [synthetic_batch(VOCAB, ROWS[r], seed=r) for r in (0, 1)]
+    width = max(b.input_ids.shape[1] for b in parts)
+
+    def joined(name: str):
+        values = [getattr(b, name) for b in parts]
+        if not isinstance(values[0], torch.Tensor):
+            return values[0]
+        fill = -1 if name == "step_ids" else 0  # right padding as build_batch pads
+        return torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) if v.dim() == 2 else v
+                          for v in values])
+
+    union = RolloutBatch(**{f.name: joined(f.name) for f in dataclasses.fields(RolloutBatch)})
+    steps = -(-sum(len(v) for v in ROWS.values()) // mini)
+    offsets = [0, len(ROWS[0])]
+    splits = [torch.tensor_split(torch.randperm(len(ROWS[r]), generator=torch.Generator().manual_seed(0)), steps)
+              for r in (0, 1)]
+    module = _module(agg, mini)
+    opt = module.configure_optimizers()["optimizer"]
+    for i in range(steps):
+        opt.zero_grad(set_to_none=True)
+        module.accumulate(union, torch.cat([splits[r][i] + offsets[r] for r in (0, 1)]))
+        module._clip_gradients()
+        opt.step()
+    return _weights(module)
+
+
+def test_uneven_ranks_update_like_one_process_on_the_union_of_their_rows(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = torch.load(tmp_path / "ranks.pt")
+    start = _weights(_module("token_mean", 16))
+    for agg in AGGREGATIONS:
+        for layout, mini in LAYOUTS.items():
+            union = _union_update(agg, mini)
+            moved = max((u - s).abs().max().item() for u, s in zip(union, start))
+            assert moved > 1e-4, (agg, layout)  # lr 1e-3: the update moved the weights
+            for kind in ("ddp", "fsdp"):
+                diff = max((w - u).abs().max().item() for w, u in zip(ranks[agg, layout][kind], union))
+                assert diff <= 1e-3 * moved, (agg, layout, kind, diff, moved)
