@@ -3,11 +3,22 @@
 Implements `GenerationBackend` on a `PreTrainedModel`: prompts (token-id lists of any lengths) are
 sorted by length, cut into micro-batches of `batch_size`, left-padded with an attention mask and
 decoded with the KV cache, sampling (or greedy when temperature == 0). For every new token the
-log-probability log_softmax(raw_logits / T)[token] is computed from generate's raw (unprocessed)
+log-probability log_softmax(raw_logits / T)[token] is reported, read from the raw (unprocessed)
 logits, so top-k / top-p filtering and greedy decoding leave the reported log-probs on the
 plain temperature-T distribution that `sequence_logprobs(..., temperature=T)` recomputes
 (T = 1 for greedy). A continuation ends at and includes the first stop token ("stop") or runs to
 max_new_tokens ("length"); the padding generate puts after a finished row is dropped.
+
+How the log-probs are obtained (memory): generate is NOT asked for `output_logits`/`output_scores`,
+which would keep a [steps, rows, vocab] stack per call (64 rows x 151,936 x 4 B x 512 steps = 18.6 GiB
+at the paper shapes). Instead a `SampledTokenLogprobs` logits processor is passed to generate; with the
+blank generation_config below, transformers' `_get_logits_processor` puts it FIRST, before the
+temperature / top-k / top-p warpers, so it sees the raw float32 logits of each step. It keeps only the
+current step's log_softmax(logits / T) [rows, vocab]; at the next step it gathers the token generate
+appended to input_ids and keeps that [rows] value; the last step's token is gathered from the
+returned sequences (generate is asked for no dict, so no per-step outputs or KV cache come back).
+The values are the same float32 computation on the same tensors as from `output_logits`, while the
+memory is one [rows, vocab] buffer instead of one per step.
 
 Exactness: during generate the model's own `generation_config` is swapped for a blank one, so
 sampling defaults shipped with hub checkpoints (Qwen's top_k=20, repetition_penalty=1.05, ...)
@@ -33,9 +44,51 @@ import contextlib
 from typing import Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from stepopsd.policy.backends.base import Generation, SamplingParams, stop_token_ids
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records log_softmax(raw_logits / T)[sampled token] per decoding step, one step's vocabulary at a time.
+
+    Passed to `generate` as its only user logits processor, it runs first on the raw logits (see the
+    module docstring) and returns them unchanged. A call at step t (input_ids holding the prompt of
+    `prompt_width` columns plus t new tokens) first gathers the token of step t-1, now the last column
+    of input_ids, from the log-probs kept at step t-1, then replaces those with step t's. After generate,
+    `finish(new_tokens)` gathers the last step's token and returns the [rows, steps] log-probs.
+    Steps are indexed by input_ids' length, so a generate that runs extra steps and undoes them
+    (transformers' deferred stop check) still reports the kept tokens' values.
+    """
+
+    def __init__(self, prompt_width: int, temperature: float):
+        self.prompt_width = prompt_width
+        self.temperature = temperature
+        self.values: list[torch.Tensor] = []  # values[t]: [rows] log-prob of step t's token
+        self.step = -1  # the step whose log-probs `current` holds
+        self.current: torch.Tensor | None = None  # [rows, vocab] float32 log_softmax(logits / T) of `step`
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_width
+        if step != self.step + 1:
+            raise RuntimeError(f"SampledTokenLogprobs: step {step} follows step {self.step}")
+        if step > 0:
+            self.values.append(self.current.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.current = None  # free the previous step's buffer before allocating this one
+        self.current = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        self.step = step
+        return scores
+
+    def finish(self, new_tokens: torch.LongTensor) -> torch.Tensor:
+        """[rows, n] log-probs of generate's n new tokens (padding after a finished row included)."""
+        n = new_tokens.shape[1]
+        values = self.values[:n]
+        if len(values) < n:  # the last kept step was not followed by another call
+            if self.step != n - 1 or len(values) != n - 1:
+                raise RuntimeError(f"SampledTokenLogprobs: {n} new tokens but {len(self.values)} gathered at step {self.step}")
+            values.append(self.current.gather(-1, new_tokens[:, n - 1:n]).squeeze(-1))
+        self.current = None
+        return torch.stack(values, dim=1)
 
 
 class HFBackend:
@@ -105,7 +158,8 @@ class HFBackend:
             attention_mask[row, width - len(p):] = 1
         sampling = {} if params.greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         device = self._device()
-        out = self.model.generate(
+        recorder = SampledTokenLogprobs(width, params.logprob_temperature)
+        sequences = self.model.generate(  # a plain tensor: no per-step outputs, and the KV cache is not returned
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             max_new_tokens=params.max_new_tokens,
@@ -114,17 +168,11 @@ class HFBackend:
             pad_token_id=self.pad_id,
             use_cache=True,
             synced_gpus=False,  # HF turns it on for an FSDP module (an all-reduce per token); see the module docstring
-            output_logits=True,
-            return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([recorder]),  # the log-probs; see the module docstring
             **sampling,
         )
-        new = out.sequences[:, width:]
-        temp = params.logprob_temperature
-        logprobs = torch.stack(
-            [torch.log_softmax(step.float() / temp, dim=-1).gather(-1, new[:, t:t + 1]).squeeze(-1)
-             for t, step in enumerate(out.logits)],
-            dim=1,
-        ).cpu()
+        new = sequences[:, width:]
+        logprobs = recorder.finish(new).cpu()
         new = new.cpu()
         stops = torch.isin(new, torch.tensor(self.stop_ids))
         gens = []
