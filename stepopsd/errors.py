@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 
 class UserError(Exception):
@@ -92,4 +93,20 @@ def main_guard(prog: str, *, reraise: bool = False):
         if reraise or debug():
             raise
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        outlive_rank_zero()
         sys.exit(2)
+
+
+def outlive_rank_zero(timeout: float = 60.0) -> None:
+    """Under Lightning's own launcher (`trainer.strategy=ddp trainer.devices=N`, no torchrun / srun) rank 0 is the
+    parent of the other ranks, and its child-process observer SIGKILLs rank 0 a few seconds after any child exits
+    non-zero. Every rank raises a run-stopping error in the same step (`stepopsd.ranks`), so a child rank that
+    stops waits (at most `timeout` s) for its parent to exit first: rank 0 then prints its own line and exits 2
+    instead of being killed mid-teardown. Elsewhere a no-op."""
+    lightning_child = os.environ.get("LOCAL_RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" not in os.environ \
+        and "SLURM_PROCID" not in os.environ
+    if not lightning_child:
+        return
+    parent, deadline = os.getppid(), time.monotonic() + timeout
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.1)

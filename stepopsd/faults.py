@@ -14,6 +14,8 @@ hook is one dictionary lookup.
         steps) crashes that worker (the process exits) with probability p; a batch of steps hangs it past its
         timeout with probability p. The pool draws these per batch it sends, from one stream seeded with n
         (default 0), so a run that sends the same batches gets the same faults every time.
+    STEPOPSD_TEST_FAULT_RANK=<r>   the two knobs above act in the process of global rank r only (a multi-rank
+        run with one sabotaged rank: every rank must still stop together, `stepopsd.ranks`).
 """
 from __future__ import annotations
 
@@ -25,9 +27,21 @@ import time
 KILL_POINTS = ("rollout", "rescore", "update", "save")
 
 
+def _this_rank() -> bool:
+    """Whether the fault knobs act in this process (STEPOPSD_TEST_FAULT_RANK unset, or naming its global rank)."""
+    chosen = os.environ.get("STEPOPSD_TEST_FAULT_RANK")
+    if not chosen:
+        return True
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == int(chosen)
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == int(chosen)
+
+
 def _kill_at() -> tuple[str, int, str] | None:
     spec = os.environ.get("STEPOPSD_TEST_KILL_AT")
-    if not spec:
+    if not spec or not _this_rank():
         return None
     point, step, sig = (spec.split(":") + ["KILL"])[:3]
     if point not in KILL_POINTS or not step.isdigit() or sig not in ("KILL", "TERM", "USR1"):
@@ -57,7 +71,7 @@ def maybe_kill(point: str, step: int, file=None) -> None:
 
 def env_faults() -> dict[str, float]:
     """{'crash': p, 'hang': p, 'seed': n} from STEPOPSD_TEST_ENV_FAULTS (empty when unset)."""
-    spec = os.environ.get("STEPOPSD_TEST_ENV_FAULTS", "")
+    spec = os.environ.get("STEPOPSD_TEST_ENV_FAULTS", "") if _this_rank() else ""
     out = {}
     for part in filter(None, spec.split(",")):
         kind, _, value = part.partition(":")

@@ -235,10 +235,15 @@ def trainer_kwargs(trainer_cfg) -> dict:
     """`L.Trainer` keyword arguments from the `trainer` group: a strategy given as a node with `_target_`
     (conf/trainer/fsdp.yaml) is instantiated (its `data_parallel_size: null` becomes devices x num_nodes);
     the group's `fsdp` node holds model-side settings for `GRPOModule.configure_model` (ShardingConfig), not
-    for the Trainer, and is left out."""
+    for the Trainer, and is left out. `strategy: ddp` becomes a DDPStrategy with `gradient_as_bucket_view=True`:
+    the gradients are views into DDP's all-reduce buckets instead of a second full-size copy of them."""
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
     kwargs.pop("fsdp", None)
-    if isinstance(kwargs.get("strategy"), dict):
+    if kwargs.get("strategy") == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        kwargs["strategy"] = DDPStrategy(gradient_as_bucket_view=True)
+    elif isinstance(kwargs.get("strategy"), dict):
         from hydra.utils import instantiate
 
         extra = {}

@@ -63,3 +63,17 @@ def gather(values: list[float]) -> torch.Tensor:
 def any_rank(flag: bool) -> bool:
     """Whether `flag` holds on any rank (every rank gets the same answer)."""
     return bool(reduce([float(flag)], "max")[0] > 0)
+
+
+def agreed_problem(problem: str | None) -> str | None:
+    """A run-stopping problem found on any rank, the same text on every rank: None when no rank has one, else the
+    lowest such rank's text ("rank r: ..." when there are several ranks; one process: the text itself)."""
+    if world_size() < 2:
+        return problem
+    found = [None] * world_size()
+    dist.all_gather_object(found, problem)
+    bad = [(r, p) for r, p in enumerate(found) if p is not None]
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more rank{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+    return f"rank {bad[0][0]}{more}: {bad[0][1]}"

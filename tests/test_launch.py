@@ -102,6 +102,8 @@ def test_srun_ranks_share_rank_zero_stamp_and_wait_for_its_data(tmp_path):
 def test_trainer_groups_compose():
     ddp = cfg_of("trainer=ddp").trainer
     assert (ddp.strategy, ddp.accelerator, ddp.devices, ddp.num_nodes) == ("ddp", "cpu", 1, 1)  # machine=cpu: gloo
+    strategy = trainer_kwargs(ddp)["strategy"]  # gradients as views into DDP's buckets: no second full-size copy
+    assert type(strategy).__name__ == "DDPStrategy" and strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(ROOT, "conf")):
         paper = compose("train", overrides=["experiment=alfworld_heat", "trainer=ddp", "trainer.num_nodes=4"]).trainer
     assert (paper.strategy, paper.accelerator, paper.num_nodes) == ("ddp", "gpu", 4)

@@ -111,3 +111,73 @@ def test_uneven_ranks_update_like_one_process_on_the_union_of_their_rows(tmp_pat
             for kind in ("ddp", "fsdp"):
                 diff = max((w - u).abs().max().item() for w, u in zip(ranks[agg, layout][kind], union))
                 assert diff <= 1e-3 * moved, (agg, layout, kind, diff, moved)
+
+
+# --- one stop for all ranks (issue 19, item 5) ----------------------------------------------------------------------
+
+def _decisions_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 alone sees a stale engine, a non-finite loss, a broken environment and a failed teacher; every
+    decision must come out the same on both ranks."""
+    import torch.distributed as dist
+
+    from stepopsd import ranks
+    from stepopsd.module import LogpGapError, NonFiniteError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        module = _module("token_mean", 16)
+        module.ppo = type(module.ppo)(**{**module.ppo.__dict__, "logp_gap_threshold": 0.05, "max_nonfinite_updates": 2})
+        logp = torch.zeros(1, 10 if rank == 0 else 4)
+        stale = logp + (1.0 if rank == 1 else 0.0)  # rank 1: 4 tokens off by 1 -> the union's mean gap 4/14
+        seen = {}
+        try:
+            module._check_logp_gap(logp, stale, torch.ones_like(logp), {})
+        except LogpGapError as e:
+            seen["gap"] = str(e)
+        bad = float("nan") if rank == 1 else 1.0
+        out_ = {"pg_loss": torch.tensor(bad), "entropy": torch.tensor(1.0)}
+        metrics = {}
+        seen["finite"] = module._finite_update(out_, torch.tensor(1.0), metrics)
+        try:
+            module._finite_update(out_, torch.tensor(1.0), metrics)
+        except NonFiniteError as e:
+            seen["nonfinite"] = str(e)
+        seen["problem"] = ranks.agreed_problem("env broken" if rank == 1 else None)
+        seen["none"] = ranks.agreed_problem(None)
+        torch.save(seen, os.path.join(out, f"decisions{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_run_stopping_decision_is_the_same_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_decisions_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"decisions{r}.pt") for r in (0, 1))
+    assert zero == one
+    assert "differ by 0.2857 per token" in zero["gap"]  # 4 tokens off by 1 over 14 tokens, reduced over ranks
+    assert zero["finite"] is False and "2 PPO updates in a row" in zero["nonfinite"]
+    assert zero["problem"] == "rank 1: env broken" and zero["none"] is None
+
+
+def test_one_broken_rank_stops_both_ranks_with_one_line(generated_games, tmp_path_factory):
+    """The real train.py under Lightning's launcher (2 gloo processes): rank 1's env workers crash on every batch
+    (STEPOPSD_TEST_ENV_FAULTS limited to rank 1 by STEPOPSD_TEST_FAULT_RANK), rank 0's are healthy. Both ranks
+    stop in step 1 with the same line and the job exits 2 within seconds, not at the process group's timeout."""
+    import time
+
+    from test_train_e2e import run_train, tiny_overrides
+
+    cache, out = tmp_path_factory.getbasetemp() / "tiny-cache", tmp_path_factory.mktemp("one-stop")
+    start = time.monotonic()
+    proc = run_train("experiment=alfworld_heat", "machine=cpu", *tiny_overrides(str(generated_games[0]), cache, out),
+                     "trainer.strategy=ddp", "trainer.devices=2", "env.num_workers=1", "val_every=0",
+                     env={"STEPOPSD_TEST_ENV_FAULTS": "crash:1.0", "STEPOPSD_TEST_FAULT_RANK": "1"})
+    seconds = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error:")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]  # one line from each rank, the same
+    assert lines[0].startswith("train.py: error: training step 1: rank 1:") and "max_failed_fraction" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert seconds < 600  # a hang would wait for the 30-minute process-group timeout

@@ -5,7 +5,8 @@ hindsight teacher (Eq. 2-5) and replaces the GRPO advantages with the shaped one
 the teacher snapshot is refreshed every N_ref training steps and saved with checkpoints. Without
 this callback (`algorithm=grpo`), or with lambda_t = 0, training is exactly GRPO. A batch whose rescoring
 fails (a hindsight context longer than the teacher allows, out of memory) trains on its plain GRPO
-advantages, with a warning, counted in `stepopsd/rescoring_failed`.
+advantages, with a warning, counted in `stepopsd/rescoring_failed`; under several ranks a failure on any rank
+makes every rank fall back for that batch (the same decision and the same logged keys on every rank).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 
 import lightning as L
 
+from stepopsd import ranks
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.faults import maybe_kill
@@ -53,6 +55,7 @@ class TeacherRescoring(L.Callback):
         refreshed = self.teacher.maybe_refresh(pl_module.policy, self.step)
         teacher = self.teacher.model.to(pl_module.device)
         live = teacher is pl_module.policy and hasattr(pl_module, "full_weights")  # teacher_refresh=0
+        error = None
         try:
             with trainer.precision_plugin.forward_context(), pl_module.full_weights() if live else contextlib.nullcontext():
                 # the trainer's compute precision (bf16-mixed: autocast); a live-policy teacher under FSDP: full weights
@@ -60,11 +63,15 @@ class TeacherRescoring(L.Callback):
                                           pad_id=self.tokenizer.pad_token_id, temperature=self.temperature,
                                           micro_batch=self.micro_batch, peer_lines=self.peer_lines)
             maybe_kill("rescore", self.step + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
+        except Exception as e:  # a context too long for the teacher, out of memory, ...: this batch is plain GRPO
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        error = ranks.agreed_problem(error)  # one rank's failure: every rank's share of the batch falls back together
+        if error is None:
             batch.advantages = shaped  # the documented write-back: training_step reads the shaped values
             metrics["stepopsd/rescoring_failed"] = 0.0
-        except Exception as e:  # a context too long for the teacher, out of memory, ...: this batch is plain GRPO
-            log.warning("[stepopsd] teacher rescoring failed at training step %d (%s: %s): this batch trains on "
-                        "plain GRPO advantages", self.step + 1, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        else:
+            log.warning("[stepopsd] teacher rescoring failed at training step %d (%s): this batch trains on "
+                        "plain GRPO advantages", self.step + 1, error)
             metrics = {"stepopsd/rescoring_failed": 1.0, "stepopsd/lambda": self.config.lam(self.step)}
         metrics |= {"time/rescore_s": time.perf_counter() - t0, "stepopsd/teacher_refreshed": float(refreshed),
                     "stepopsd/teacher_age": self.step - self.teacher.taken_at}

@@ -4,7 +4,8 @@ The train dataloader is an iterable over `RolloutBatch`es: each item picks the n
 `tasks_per_step` tasks (a seeded shuffle of the training games, resumable by position), rolls out
 `group_size` copies of each with the *current* policy weights and returns the built batch. Groups
 are built whole, so a group never spans two batches; under DDP each rank rolls out its own share
-of tasks (rank r takes tasks r, r + world, ...), so groups stay whole on one rank.
+of tasks (rank r takes tasks r, r + world, ...), so groups stay whole on one rank. A broken environment on
+any rank stops every rank in the same step with the same line (`stepopsd.ranks.agreed_problem`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, Iterator
 import lightning as L
 from torch.utils.data import DataLoader, IterableDataset
 
+from stepopsd import ranks
 from stepopsd.data.batch import RolloutBatch, build_batch
 from stepopsd.errors import RunFailed
 from stepopsd.faults import maybe_kill
@@ -117,11 +119,15 @@ class RolloutDataModule(L.LightningDataModule):
             trajectories, stats = rollout(self.env, backend, self.tokenizer, tasks, self.rollout_cfg,
                                           seed=self.seed + 100_003 * self.batches + rank,
                                           after_turn=lambda turn: turn == 0 and maybe_kill("rollout", step))
-        self._check_failures(trajectories, step)
-        try:
-            batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
-        except RuntimeError as e:  # failures left no group of two: nothing to train on
-            raise EnvFailureError(f"training step {step}: {e}; resume with resume=auto") from None
+        problem = self._failures(trajectories)
+        if problem is None:
+            try:
+                batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
+            except RuntimeError as e:  # failures left no group of two: nothing to train on
+                problem = f"{e}; resume with resume=auto"
+        problem = ranks.agreed_problem(problem)  # one rank's broken env stops every rank in this step
+        if problem is not None:
+            raise EnvFailureError(f"training step {step}: {problem}")
         seconds = time.perf_counter() - t0
         self.batches += 1
         self.last_stats = stats
@@ -132,16 +138,18 @@ class RolloutDataModule(L.LightningDataModule):
         }
         return batch
 
-    def _check_failures(self, trajectories, step: int) -> None:
+    def _failures(self, trajectories) -> str | None:
         """Failed trajectories (env crash, timeout, retriever gone) are dropped and counted by `build_batch`;
-        past `max_failed_fraction` of one batch the environment is broken, not flaky: stop with one line."""
+        past `max_failed_fraction` of one batch the environment is broken, not flaky: the run-stopping problem
+        (decided with the other ranks' in `next_batch`), else None."""
         failed = sum(t.failed for t in trajectories)
-        if failed > self.max_failed_fraction * len(trajectories):
-            errors = sorted({s.transition.state.error for t in trajectories if t.failed for s in t.steps[-1:]} - {""})
-            raise EnvFailureError(f"training step {step}: {failed} of {len(trajectories)} trajectories failed, more than "
-                                  f"rollout.max_failed_fraction={self.max_failed_fraction} (e.g. {errors[0] if errors else 'a failed reset'}); "
-                                  "the environment is broken, not flaky: see the env warnings in the log, raise "
-                                  "env.step_timeout for slow engines, then resume with resume=auto")
+        if failed <= self.max_failed_fraction * len(trajectories):
+            return None
+        errors = sorted({s.transition.state.error for t in trajectories if t.failed for s in t.steps[-1:]} - {""})
+        return (f"{failed} of {len(trajectories)} trajectories failed, more than "
+                f"rollout.max_failed_fraction={self.max_failed_fraction} (e.g. {errors[0] if errors else 'a failed reset'}); "
+                "the environment is broken, not flaky: see the env warnings in the log, raise "
+                "env.step_timeout for slow engines, then resume with resume=auto")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Rollouts(self), batch_size=None, num_workers=0, collate_fn=lambda b: b)
