@@ -51,6 +51,11 @@ from stepopsd.policy.logprobs import (left_align, right_align, tail_logits, tail
 from stepopsd.policy.sharding import ShardingConfig, full_state_dict, gathered, is_sharded, shard_policy
 
 
+LOGP_GAP_MEAN = "rollout/logp_gap_mean"  # metric names other code reads (experiments/gpu_checks/paper_shapes.py)
+LOGP_GAP_MAX = "rollout/logp_gap_max"
+UPDATE_PEAK_GPU_GB = "perf/update_peak_gpu_gb"
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     lr: float = 1e-6
@@ -263,7 +268,7 @@ class GRPOModule(L.LightningModule):
         seconds = time.perf_counter() - t0
         logged = {k: sum(v) / len(v) for k, v in metrics.items()}
         if self.device.type == "cuda":  # the update's peak (rollout and rescoring peaks are their own)
-            logged["perf/update_peak_gpu_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            logged[UPDATE_PEAK_GPU_GB] = torch.cuda.max_memory_allocated(self.device) / 2**30
         logged |= {"time/update_s": seconds, "perf/update_tokens_per_s": tokens / seconds,
                    "train_step": float(self.current_epoch + 1),  # training steps done (one per Lightning epoch)
                    "actor/lr": lr}
@@ -382,8 +387,8 @@ class GRPOModule(L.LightningModule):
         mean and the largest per-token gap over every rank's tokens (`logp_gap`); a mean past
         `logp_gap_threshold` stops the run, on every rank in the same step."""
         gap, worst = logp_gap(logp, rollout_logp, mask)
-        _add(metrics, "rollout/logp_gap_mean", gap)
-        _add(metrics, "rollout/logp_gap_max", worst)
+        _add(metrics, LOGP_GAP_MEAN, gap)
+        _add(metrics, LOGP_GAP_MAX, worst)
         if gap > self.ppo.logp_gap_threshold:
             raise LogpGapError(f"trainer and rollout log-probs differ by {gap:.4f} per token (threshold "
                                f"{self.ppo.logp_gap_threshold}): the rollout engine's weights were not synced after "

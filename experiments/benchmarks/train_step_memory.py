@@ -18,7 +18,14 @@ The fitted estimate (from the rows with gradient checkpointing): static bytes = 
 b * rows*response*vocab, with a and b fitted by least squares on this command's measured peaks less the
 memory after the models were built and less grads + AdamW states (12 bytes a parameter); the
 largest micro_batch_rows whose estimate fits 80 GB and 141 GB (less 10 % for the allocator) is printed for
-the paper shapes. Usage:
+the paper shapes.
+
+--predict: no measurement; the memory model of the whole colocated step (stepopsd/memory.py: trainer, reference,
+teacher, the rollout engine at its utilisation and sleep level) prints its predicted peak GiB per phase for each
+model at micro_batch_rows 4/8/16, with the HF rollout or vLLM at 0.5 utilisation and sleep levels 0/1/2, on an
+80 GB (H100, 81,559 MiB) and a 141 GB (H200, 143,771 MiB) card, and the check's verdict against that card's free
+memory (total less PREDICT_CONTEXT_GIB for the CUDA context). Usage:
+    python experiments/benchmarks/train_step_memory.py --predict        # the memory model's table (no run)
     python experiments/benchmarks/train_step_memory.py --device cpu      # shrunken shapes (defaults below)
     python experiments/benchmarks/train_step_memory.py --device cuda --no-shrink --rows 256 --prompt 2048 \
         --response 512 --micro 4 8 16 --peak-tflops 989                  # the paper shapes on a GPU
@@ -42,6 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SHRINK = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 4,
           "num_key_value_heads": 2, "head_dim": 64}
 GB = 1024 ** 3
+CARDS = {"80 GB": 81_559 / 1024, "141 GB": 143_771 / 1024}  # total GiB: H100 80GB, H200 (nvidia-smi MiB)
+PREDICT_CONTEXT_GIB = 0.5  # free = total - this (the CUDA context and the allocator's first blocks)
 
 
 def arch_of(model: str, shrink: dict) -> dict:
@@ -168,8 +177,12 @@ def main() -> None:
     ap.add_argument("--head", choices=["checkpointed", "plain", "both"], default="checkpointed",
                     help="log-prob/entropy head: the trainer's (row-wise recomputation) or the plain baseline")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak (H100/H200: 989)")
+    ap.add_argument("--predict", action="store_true", help="print the memory model's predicted peaks (no run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.predict:
+        predict_table(args.models, [4, 8, 16] if args.micro == ap.get_default("micro") else args.micro)
+        return
     if args.one:
         ns = argparse.Namespace(**json.loads(args.one))
         print("RESULT " + json.dumps(one(ns)))
@@ -219,6 +232,38 @@ def main() -> None:
                 est = estimate(full, full_params, a, b, best or 1, 2048, 512)
                 print(f"#   paper shapes (2048 + 512 tokens) on one {card_gb} GB card: micro_batch_rows <= {best} "
                       f"(estimate {est:.1f} GB; static {full_params * 20 / GB:.1f} GB for {full_params / 1e9:.2f} B parameters)")
+
+
+def predict_table(models: list[str], micros: list[int]) -> None:
+    """The memory model's predicted peak per phase at the paper shapes (2048 + 512 tokens, the configs' teacher and
+    KL reference, gradient checkpointing), as a markdown table with this machine / commit / command header."""
+    from stepopsd import memory
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print(f"# train_step_memory --predict (stepopsd/memory.py, no run) on {platform.node() or 'this machine'}, commit {commit}")
+    print(f"# command: python experiments/benchmarks/{os.path.basename(__file__)} {' '.join(sys.argv[1:])}")
+    print(f"# PREDICTED, not measured: a = default_a (analytic), b = {memory.B_LOGITS} (CPU fit), model error "
+          f"{memory.MODEL_ERROR:.0%} (assumed); free = card total - {PREDICT_CONTEXT_GIB} GiB; 256-row mini-batches of "
+          "2048 + 512 tokens, teacher 8 rows + 512 hindsight tokens, HF rollout 64 prompts a call")
+    print("| model | micro rows | rollout engine | card | rollout GiB | teacher GiB | update GiB | peak GiB | check |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    engines = [("HF generate", "hf", 0)] + [(f"vLLM 0.5, sleep {k}", "vllm", k) for k in (0, 1, 2)]
+    for model in models:
+        arch = arch_of(model, {})
+        params = full_param_count(arch)
+        heads = arch["num_attention_heads"]
+        kv_dim = arch["num_key_value_heads"] * arch.get("head_dim", arch["hidden_size"] // heads)
+        for micro in micros:
+            for label, engine, level in engines:
+                for card, total in CARDS.items():
+                    p = memory.predict(memory.StepMemory(
+                        params=params, hidden=arch["hidden_size"], layers=arch["num_hidden_layers"],
+                        vocab=arch["vocab_size"], intermediate=arch["intermediate_size"], kv_dim=kv_dim,
+                        micro_batch_rows=micro, prompt_tokens=2048, response_tokens=512, engine=engine,
+                        gpu_memory_utilization=0.5, sleep_level=level, card_gib=total))
+                    status, _ = memory.fit_check(p.peak_gib, total - PREDICT_CONTEXT_GIB)
+                    print(f"| {model} | {micro} | {label} | {card} | {p.rollout_gib:.1f} | {p.teacher_gib:.1f} | "
+                          f"{p.update_gib:.1f} | {p.peak_gib:.1f} ({p.peak_phase}) | {status} |")
 
 
 def full_param_count(arch: dict) -> int:
