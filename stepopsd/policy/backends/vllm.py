@@ -22,23 +22,48 @@ trainer's log-prob check (`GRPOModule._check_logp_gap`, `rollout/logp_gap_mean`)
 push happened: a stale engine stops the run with one line.
 
 GPU memory: `sleep_level` 1 or 2 puts the engine to sleep after each rollout (level 1 frees the KV cache
-and offloads the weights to CPU memory, level 2 drops them) and wakes it before the next; the weights are
-pushed again after every wake (vLLM's own `reload_weights` would read the original checkpoint from disk,
-vllm#29341). Sleep mode exists on CUDA / ROCm / XPU only.
+and offloads the weights to CPU memory, level 2 drops them) and `sync_weights` wakes it in two stages: the
+weights first (`wake_up(tags=["weights"])`), then the push, then the KV cache (`wake_up(tags=["kv_cache"])`), so
+the KV cache is not resident while the trainer's tensors are streamed in; the allocator's cached blocks are
+returned first (`torch.cuda.empty_cache()`, CUDA only) so the engine can take what the update left free. The
+weights are pushed again after every wake (vLLM's own `reload_weights` would read the original checkpoint from
+disk, vllm#29341). Sleep mode exists on CUDA / ROCm / XPU only. The push streams one tensor at a time from a
+generator over `state_dict()` (under FSDP2 each `full_tensor()` is an all-gather: every rank walks the same
+names in the same order), cast to the engine's dtype just before it is handed over: vLLM's in-place reload keeps
+the tensors of one of its layers until the layer is complete (q/k/v and gate/up are fused there; the state dict
+comes layer by layer), so the push holds about one layer, not a copy of the whole model. `enforce_eager` null (the default) means CUDA graphs on GPUs and eager mode on
+the CPU build (which has no CUDA graphs; its non-eager mode compiles the model with inductor at start: 25 s
+instead of 6 s for the tiny test policy on 2 cores).
 
-Under torchrun every rank owns one engine (`distributed_executor_backend="external_launcher"`, tensor
-parallel 1). vLLM must run in process: `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set before it is imported.
+Numerics: HF Qwen under bf16 autocast with fp32 master weights keeps the embeddings, the residual stream and
+RMSNorm in fp32, a bf16 engine does not, so its log-probs differ from the trainer's systematically (not only when
+a push is missed): `algorithm.ppo.rollout_is_cap` left null becomes 2.0 under this backend (`train.check_config`;
+truncated importance sampling against the trainer's recomputed pi_old), 0 turns it off explicitly.
+
+Ranks: with torch.distributed initialised over more than one process every rank owns one engine
+(`distributed_executor_backend="external_launcher"`, tensor parallel 1) that joins the existing process group.
+vLLM 0.32 then reads the launcher's variables: `ExecutorWithExternalLauncher._distributed_args`
+(vllm/v1/executor/uniproc_executor.py) takes `int(os.environ["RANK"])` and `int(os.environ["LOCAL_RANK"])`
+(the engine's device is cuda:LOCAL_RANK, vllm/v1/worker/gpu_worker.py), and MASTER_ADDR / MASTER_PORT are read
+only by the `env://` init that vllm/distributed/parallel_state.py skips when a group already exists. torchrun
+sets them all; Lightning's own launcher sets LOCAL_RANK, WORLD_SIZE and MASTER_* but not RANK; a bare `srun`
+sets none of them (Lightning sets MASTER_* when it initialises the group). `prepare_engine_env` fills the missing
+ones from the initialised process group before the engine is built (`engine_rank_env`: never overwriting a value
+that agrees, a one-line error for one that does not). vLLM must run in process:
+`VLLM_ENABLE_V1_MULTIPROCESSING=0` is set before it is imported.
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 
+from stepopsd.errors import UserError
 from stepopsd.policy.backends.base import Generation, SamplingParams, stop_token_ids
 
 SKIP_SYNC_VAR = "STEPOPSD_TEST_SKIP_WEIGHT_SYNC"  # tests only: "1" skips every push after the first
@@ -52,7 +77,7 @@ class VLLMConfig:
     max_model_len: int = 4096  # prompt + response tokens per sequence
     dtype: str = "float32"  # the engine's compute dtype: the trainer's (float32 for 32-true, bfloat16 for bf16-mixed)
     enable_prefix_caching: bool = True
-    enforce_eager: bool = True  # no CUDA graphs / torch.compile: faster start, weights swapped freely
+    enforce_eager: bool | None = None  # None: CUDA graphs on GPUs (False), eager on the CPU build (True)
     max_num_seqs: int = 256  # sequences decoded together
     sleep_level: int = 0  # 0 = awake always; 1 = free KV cache, offload weights during the update; 2 = drop both
     kv_cache_gb: float = 1.0  # CPU build only: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
@@ -92,6 +117,88 @@ def request_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 1) % (2**63 - 1)
 
 
+# -- the launcher's variables vLLM's external launcher reads ---------------------------------------
+class RankEnvError(UserError, RuntimeError):
+    """A rank variable in the environment disagrees with the initialised process group."""
+
+
+def engine_rank_env(rank: int, world_size: int, local_rank: int, environ: Mapping[str, str], *,
+                    master_addr: str | None = None, master_port: int | None = None) -> dict[str, str]:
+    """The variables to add to `environ` so that a vLLM engine built with the external launcher finds this
+    process's place in the process group: RANK, WORLD_SIZE, LOCAL_RANK, and MASTER_ADDR / MASTER_PORT when known.
+    A variable already set to the same value is left alone (not returned); one set to another value raises
+    `RankEnvError` (one line). MASTER_* are only filled in, never checked: vLLM reads them for an `env://` init
+    it skips when the process group exists."""
+    if not 0 <= rank < world_size or not 0 <= local_rank < world_size:
+        raise ValueError(f"rank {rank}, local rank {local_rank} do not fit a world of {world_size}")
+    added = {}
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size), ("LOCAL_RANK", local_rank)):
+        have = environ.get(name, "")
+        if have.strip() == "":
+            added[name] = str(value)
+        elif not have.strip().lstrip("-").isdigit() or int(have) != value:
+            raise RankEnvError(f"rollout.backend=vllm: {name}={have} in the environment, but this process is "
+                               f"{name.lower().replace('_', ' ')} {value} of the initialised process group (world "
+                               f"{world_size}); unset {name} or launch with a launcher that sets it right")
+    for name, value in (("MASTER_ADDR", master_addr), ("MASTER_PORT", master_port)):
+        if value is not None and not environ.get(name):
+            added[name] = str(value)
+    return added
+
+
+def local_rank_from_hosts(rank: int, hosts: Sequence[str]) -> int:
+    """The local rank of `rank` given every rank's host name: how many lower ranks share its host."""
+    return sum(h == hosts[rank] for h in hosts[:rank])
+
+
+def _group_address() -> tuple[str | None, int | None]:
+    """The host and port of the default process group's TCP store (None, None for another kind of store)."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store  # no public accessor in torch 2.13
+
+        store = _get_default_store()
+        while isinstance(store, torch.distributed.PrefixStore):
+            store = store.underlying_store
+        if isinstance(store, torch.distributed.TCPStore):
+            return store.host, store.port
+    except (ImportError, RuntimeError, AttributeError):
+        pass
+    return None, None
+
+
+def prepare_engine_env(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Before a vLLM engine joins the initialised process group (external launcher): set the rank variables it
+    reads (`engine_rank_env`) from the group itself, whatever started the processes; returns what was added
+    ({} for a single process). The local rank comes from LOCAL_RANK (torchrun, Lightning's launcher), else
+    SLURM_LOCALID when srun started one task per rank, else from the ranks' host names (a collective: every rank
+    builds its engine at the same point)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return {}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if environ.get("LOCAL_RANK", "").strip():
+        local = int(environ["LOCAL_RANK"])
+    elif environ.get("SLURM_LOCALID", "").strip() and environ.get("SLURM_NTASKS") == str(world):
+        local = int(environ["SLURM_LOCALID"])
+    else:
+        hosts: list = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+        local = local_rank_from_hosts(rank, hosts)
+    addr, port = _group_address()
+    added = engine_rank_env(rank, world, local, environ, master_addr=addr, master_port=port)
+    environ.update(added)
+    return added
+
+
+def engine_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """`model`'s state dict one tensor at a time, each full (an FSDP2 DTensor gathered: a collective, every rank
+    walks the same names in the same order) and cast to the engine's dtype only when it is handed over."""
+    for name, t in model.state_dict().items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        yield name, full.detach().to(dtype)
+        del full
+
+
 class VLLMBackend:
     """An in-process vLLM engine behind the `GenerationBackend` interface; `sync_weights` after every update."""
 
@@ -113,6 +220,10 @@ class VLLMBackend:
             extra["max_num_batched_tokens"] = cfg.max_num_seqs * cfg.max_model_len
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
+        if distributed:  # the external launcher reads RANK / LOCAL_RANK: fill them in whatever the launcher
+            prepare_engine_env()
+        eager = current_platform.is_cpu() if cfg.enforce_eager is None else cfg.enforce_eager
+        self.dtype = getattr(torch, cfg.dtype)
         self._config_dir = tempfile.TemporaryDirectory(prefix="stepopsd-vllm-")
         arch = model.config.to_dict()  # the architecture only: weights come from sync_weights
         arch["architectures"] = arch.get("architectures") or [type(model).__name__]
@@ -121,7 +232,7 @@ class VLLMBackend:
         self.llm = LLM(
             model=self._config_dir.name, runner="generate", load_format="dummy", skip_tokenizer_init=True, dtype=cfg.dtype,
             seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching, enforce_eager=eager,
             max_num_seqs=cfg.max_num_seqs, logprobs_mode="processed_logprobs", enable_sleep_mode=bool(cfg.sleep_level),
             generation_config="vllm",  # no sampling defaults from a config file: only SamplingParams apply
             **extra, **({"distributed_executor_backend": "external_launcher"} if distributed else {}),
@@ -132,18 +243,22 @@ class VLLMBackend:
 
     # -- weights --------------------------------------------------------------------------------
     def sync_weights(self, model) -> None:
-        """Push `model`'s current weights into the engine and reset the prefix cache (waking the engine first
-        if it sleeps). `model` holds full weights: under trainer=fsdp the caller gathers them around rollouts."""
-        self.wake()
-        if self.pushes and os.environ.get(SKIP_SYNC_VAR) == "1":
-            return  # fault injection for the tests only: the engine keeps stale weights
-        weights = [(name, (t.full_tensor() if hasattr(t, "full_tensor") else t).detach())  # FSDP2: DTensors
-                   for name, t in model.state_dict().items()]
-        # the worker's in-place reload from an iterator of checkpoint-format tensors: it undoes the kernel
-        # repacking done after the first load (the CPU build's linear layers), loads, and repacks
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        """Push `model`'s current weights into the engine and reset the prefix cache. A sleeping engine wakes in
+        two stages around the push: its weights, the push, then its KV cache. `model` holds full weights or
+        FSDP2 DTensors (gathered one at a time, a collective: every rank calls this together)."""
+        if self.asleep:
+            self._wake_up(["weights"])
+        if not (self.pushes and os.environ.get(SKIP_SYNC_VAR) == "1"):  # tests only: keep the stale weights
+            # the worker's in-place reload from an iterator of checkpoint-format tensors, consumed one at a
+            # time: it undoes the kernel repacking done after the first load (the CPU build's linear layers),
+            # loads, and repacks
+            self.llm.collective_rpc("reload_weights", kwargs={
+                "weights_iterator": engine_tensors(model, self.dtype), "is_checkpoint_format": True})
+            self.pushes += 1
+        if self.asleep:
+            self._wake_up(["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
-        self.pushes += 1
 
     def sleep(self) -> None:
         """Free the engine's GPU memory for the update (sleep_level 1 or 2); a no-op when sleep is off."""
@@ -152,9 +267,15 @@ class VLLMBackend:
             self.asleep = True
 
     def wake(self) -> None:
+        """Wake the whole engine (weights and KV cache at once); `sync_weights` wakes it in stages instead."""
         if self.asleep:
-            self.llm.wake_up()
+            self._wake_up(None)
             self.asleep = False
+
+    def _wake_up(self, tags: list[str] | None) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # blocks the update freed go back to the driver, where the engine allocates
+        self.llm.wake_up(tags=tags)
 
     # -- generation -----------------------------------------------------------------------------
     def generate(
