@@ -16,26 +16,14 @@ from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 from stepopsd.policy.backends import HFBackend, SamplingParams
 from stepopsd.policy.backends.hf import SampledTokenLogprobs
 from stepopsd.policy.logprobs import sequence_logprobs
-from stepopsd.policy.tiny import build_tiny_policy
-from stepopsd.policy.tokenizer import train_word_tokenizer
 
-from test_policy import corpus, ids_of  # noqa: E402  (tests/ is on sys.path via conftest)
+from test_policy import ids_of, tiny, tok  # noqa: E402,F401  (fixtures; tests/ is on sys.path via conftest)
 
 PARAMS = {
     "t1": SamplingParams(max_new_tokens=10, temperature=1.0),
     "t07_topk_topp": SamplingParams(max_new_tokens=10, temperature=0.7, top_k=5, top_p=0.8),
     "greedy": SamplingParams(max_new_tokens=10, temperature=0.0),
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_word_tokenizer(corpus())
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return build_tiny_policy(tok, seed=0, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
 @pytest.fixture(scope="module")
