@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from stepopsd import memory
 from stepopsd.module import LOGP_GAP_MEAN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,7 +10,6 @@ weigh a short rank's tokens more. Two layouts: one optimizer step over all rows,
 """
 import os
 
-import pytest
 import torch
 
 from stepopsd.algorithms.grpo import AGGREGATIONS

@@ -308,7 +308,6 @@ def phase_vllm(name: str, out: str, dry: bool, layers: int | None) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from stepopsd import memory
     from stepopsd.module import LOGP_GAP_MAX, LOGP_GAP_MEAN, GRPOModule
     from stepopsd.policy.backends.base import SamplingParams
 
