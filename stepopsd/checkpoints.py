@@ -24,6 +24,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from stepopsd.errors import UserError
 
+LEGACY_STATE_KEY = "TeacherRescoring"  # the callback that held StepOPSD's state before the estimator registry
+
 LAST = "last.ckpt"
 
 
@@ -115,7 +117,7 @@ def remove_torn(run_dir: str) -> int:
     return len(torn)
 
 
-def check_compatible(ckpt: dict, path: str, module: torch.nn.Module, callbacks: list) -> None:
+def check_compatible(ckpt: dict, path: str, module: torch.nn.Module, estimator: str) -> None:
     """A checkpoint of another model or config is a one-line error before training starts (instead of
     load_state_dict's page of missing keys and size mismatches)."""
     saved, own = ckpt["state_dict"], module.state_dict()
@@ -128,11 +130,9 @@ def check_compatible(ckpt: dict, path: str, module: torch.nn.Module, callbacks: 
         if tuple(saved[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{path} was written for another model: {k} has shape {tuple(saved[k].shape)} there, "
                                   f"{tuple(v.shape)} here; {fix}")
-    names = {type(c).__name__ for c in callbacks}
-    has_teacher = any(k.startswith("TeacherRescoring") for k in ckpt.get("callbacks", {}))
-    if has_teacher != ("TeacherRescoring" in names):
-        was, now = ("stepopsd", "grpo") if has_teacher else ("grpo", "stepopsd")
-        raise CheckpointError(f"{path} is an algorithm={was} checkpoint and this run is algorithm={now}; {fix}")
+    was = checkpoint_estimator(ckpt.get("callbacks", {}))  # the advantage estimator of the checkpoint's run
+    if was != estimator:
+        raise CheckpointError(f"{path} is an algorithm={was} checkpoint and this run is algorithm={estimator}; {fix}")
 
 
 def trim_metrics(run_dir: str, steps: int) -> int:
@@ -188,3 +188,12 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = (_ContinuedWriter if self.resume else ExperimentWriter)(log_dir=self.log_dir)
         return self._experiment
+
+
+def checkpoint_estimator(callback_states: dict) -> str:
+    """The estimator a checkpoint's run used, from its callback states: the stage's record, else `stepopsd` for a
+    legacy TeacherRescoring state, else `grpo` (a run from before the registry without one)."""
+    for key, state in callback_states.items():
+        if key == "AdvantageStage" and isinstance(state, dict) and "estimator" in state:
+            return state["estimator"]
+    return "stepopsd" if any(str(k).startswith(LEGACY_STATE_KEY) for k in callback_states) else "grpo"

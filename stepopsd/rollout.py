@@ -4,7 +4,8 @@ Every live environment goes into each generate call and finished ones leave the 
 tokens are generated for an episode that has ended and nobody waits in lock-step for a slow one
 beyond the current turn. Each step keeps what training needs and nothing it must recompute: the
 prompt and sampled ids, the sampled tokens' log-probs (PPO's pi_old), the decoded response, the
-step target span aligned on the sampled tokens (`spans.token_span`), and the env transition.
+step target span aligned on the sampled tokens (`spans.token_span`), the env transition, and the observation the
+step acted on (a state key for step-level advantage estimators).
 
 The environment supplies the protocol (`prompt`, `target_chars`, `step`); the backend supplies
 tokens (`GenerationBackend`). The same loop serves training, validation and `eval.py`.
@@ -81,6 +82,7 @@ def rollout(env: AgentEnv, backend: GenerationBackend, tokenizer, tasks: Sequenc
     states = env.reset(tasks, cfg.group_size)
     stats.env_s += time.perf_counter() - t0
     steps: list[list[StepRecord]] = [[] for _ in states]
+    current = list(states)  # the env state each slot's next step acts on
     failed = [s.failed for s in states]
     while live := env.live_slots():
         prompts = []
@@ -100,7 +102,9 @@ def rollout(env: AgentEnv, backend: GenerationBackend, tokenizer, tasks: Sequenc
             text, tr = texts[slot], transitions[slot]
             chars = env.target_chars(text, cfg.target_mode)
             target = token_span(tokenizer, gen.token_ids, *chars) if chars else None
-            steps[slot].append(StepRecord(tuple(ids), tuple(gen.token_ids), tuple(gen.logprobs), text, target, tr))
+            steps[slot].append(StepRecord(tuple(ids), tuple(gen.token_ids), tuple(gen.logprobs), text, target, tr,
+                                          observation=current[slot].observation))
+            current[slot] = tr.state
             failed[slot] |= tr.state.failed
             stats.generated_tokens += len(gen.token_ids)
         if after_turn is not None:

@@ -65,8 +65,11 @@ class TrialReporter:
 
     def __init__(self, storage: str, study: str, number: int, name: str, pruner=None):
         self.name, self.pruned = name, None
-        study_ = optuna.load_study(study_name=study, storage=open_storage(storage), pruner=pruner)
-        trial_id = study_._storage.get_trial_id_from_study_id_trial_number(study_._study_id, number)
+        store = open_storage(storage)
+        if isinstance(store, str):  # a database URL: the storage object itself, for its public lookups
+            store = optuna.storages.RDBStorage(store)
+        study_ = optuna.load_study(study_name=study, storage=store, pruner=pruner)
+        trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(study), number)
         self.trial = optuna.trial.Trial(study_, trial_id)
 
     def __call__(self, step: int, metrics: dict[str, float]) -> bool:

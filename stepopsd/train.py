@@ -21,24 +21,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
-from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.callbacks.preemption import Preemption
 from stepopsd.callbacks.progress import PROGRESS_BARS, progress_bar
-from stepopsd.callbacks.rescoring import TeacherRescoring
+from stepopsd.callbacks.advantages import AdvantageStage
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation, metric_prefix
 from stepopsd.checkpoints import (AtomicCheckpointIO, CheckpointError, check_compatible, last_good_checkpoint,
                                   read_checkpoint, remove_torn, steps_done, trim_metrics)
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.errors import UserError
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
+from stepopsd.estimators import Estimator, Services, build_estimator
 from stepopsd.envs.alfworld.tasks import SPLITS, resolve_task_types
 from stepopsd.hindsight import alfworld_peer_lines
 from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, world_size_mismatch
 from stepopsd.memory import check_memory
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
-from stepopsd.policy.backends.hf import HFBackend
-from stepopsd.policy.backends.vllm import VLLMBackend, VLLMConfig, check_unfiltered, import_vllm
+from stepopsd.policy.backends.vllm import VLLMConfig, check_unfiltered, import_vllm
 from stepopsd.policy.loading import (DTYPES, TASK_VOCAB, is_hub_id, load_policy, load_tokenizer, random_policy,
                                      task_tokenizer)
 from stepopsd.policy.sharding import ShardingConfig
@@ -54,8 +53,8 @@ class ConfigError(UserError, ValueError):
     """A bad knob, caught before any work starts."""
 
 
-def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, RolloutConfig]:
-    """Validate every knob (one-line errors) and return the typed configs."""
+def check_config(cfg: DictConfig) -> tuple[PPOConfig, Estimator, RolloutConfig]:
+    """Validate every knob (one-line errors) and return the typed configs and the advantage estimator."""
     if cfg.require_gpu and not torch.cuda.is_available():
         raise ConfigError("no GPU found: add machine=cpu to run this experiment on the CPU (tiny policy, generated games)")
     check_launch(cfg)
@@ -92,34 +91,37 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, StepOPSDConfig | None, Rol
         raise ConfigError(f"optimized_last_k={cfg.optimized_last_k}: the objective is the mean of the last K >= 1 validations")
     if cfg.val_tasks is not None and cfg.val_tasks < 1:
         raise ConfigError(f"val_tasks={cfg.val_tasks}: use N >= 1 tasks per validation split, or null for all")
-    if cfg.algorithm.name not in ("grpo", "stepopsd"):
-        raise ConfigError(f"algorithm={cfg.algorithm.name!r}: use algorithm=grpo or algorithm=stepopsd")
+    try:  # the registered estimator `algorithm.name` picks, its knobs checked (an unknown name lists the registered)
+        estimator = build_estimator(OmegaConf.to_container(cfg.algorithm, resolve=True))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
     check_precision(cfg)
     check_model(cfg)
-    if cfg.algorithm.name == "stepopsd" and cfg.algorithm.teacher.micro_batch_rows < 1:
-        raise ConfigError(f"algorithm.teacher.micro_batch_rows={cfg.algorithm.teacher.micro_batch_rows}: need >= 1")
     r = cfg.rollout
     try:
         ppo_knobs = OmegaConf.to_container(cfg.algorithm.ppo)
         if ppo_knobs.get("rollout_is_cap") is None:  # null: TIS on for vLLM's systematic drift, off for hf
             ppo_knobs["rollout_is_cap"] = VLLM_ROLLOUT_IS_CAP if r.backend == "vllm" else 0.0
         ppo = PPOConfig(**ppo_knobs, temperature=r.temperature)
-        method = StepOPSDConfig(**OmegaConf.to_container(cfg.algorithm.stepopsd)) if cfg.algorithm.name == "stepopsd" else None
         sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-        if r.backend not in BACKENDS:
-            raise ValueError(f"rollout.backend={r.backend}: choose one of {', '.join(BACKENDS)}")
-        if r.backend == "vllm":
-            vllm_config(cfg)  # the knobs, then whether vLLM imports: before any data or policy is built
+        # the registered backend (an unknown name: one line listing the registered ones), its knobs, then whether
+        # its library imports (vLLM): before any data or policy is built
+        get_backend(r.backend).kwargs(cfg)
         rollout_cfg = RolloutConfig(group_size=cfg.group_size, max_prompt_tokens=r.max_prompt_tokens, sampling=sampling,
                                     chat_template=cfg.model.chat_template,
                                     chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
-                                    target_mode=method.target_span if method else "action_only")
+                                    target_mode=cfg.algorithm.stepopsd.target_span if "stepopsd" in cfg.algorithm
+                                    else "action_only")
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
-    return ppo, method, rollout_cfg
+    return ppo, estimator, rollout_cfg
 
 
-BACKENDS = ("hf", "vllm")
+from stepopsd.policy.backends.registry import get_backend, set_backend_options  # noqa: E402  (rollout.backend -> factory)
+
+# vLLM's keyword arguments are read with the trainer's knobs (`vllm_config` below); the other backends' by their
+# own `options` hooks where they register (stepopsd/policy/backends/)
+set_backend_options("vllm", lambda cfg: {"config": vllm_config(cfg), "seed": cfg.seed})
 VLLM_ROLLOUT_IS_CAP = 2.0  # algorithm.ppo.rollout_is_cap when left null under rollout.backend=vllm
 
 
@@ -145,10 +147,10 @@ def vllm_config(cfg: DictConfig) -> VLLMConfig:
 
 
 def backend_factory(cfg: DictConfig):
-    """backend_factory(policy, tokenizer) -> the configured `GenerationBackend`."""
-    if cfg.rollout.backend == "vllm":
-        return functools.partial(VLLMBackend, config=vllm_config(cfg), seed=cfg.seed)
-    return functools.partial(HFBackend, batch_size=cfg.rollout.generate_batch_size)
+    """backend_factory(policy, tokenizer) -> the configured `GenerationBackend`: the factory registered as
+    `rollout.backend`, with the keyword arguments its options hook reads from `cfg`."""
+    backend = get_backend(cfg.rollout.backend)
+    return functools.partial(backend.factory, **backend.kwargs(cfg))
 
 
 MIXED = ("bf16-mixed", "32-true", "32", 32)  # trainer precisions that keep fp32 master weights under our manual update
@@ -465,7 +467,7 @@ def peer_lines(cfg: DictConfig):
 
 
 def train(cfg: DictConfig) -> float:
-    ppo, method, rollout_cfg = check_config(cfg)
+    ppo, estimator, rollout_cfg = check_config(cfg)
     ckpt_path, _ = resume_from(cfg)  # the checkpoint read and checked against this config before any work
     setup_console()  # Lightning's log lines once (Hydra's console and file); stdout line-buffered in batch logs
     L.seed_everything(cfg.seed, workers=True)
@@ -482,7 +484,7 @@ def train(cfg: DictConfig) -> float:
     with rank_zero_first("the policy"):  # rank 0 builds the tiny policy's cache (or fills the hub cache) first
         policy, tokenizer = build_policy(cfg, data, train_tasks)
     with retrieval_service(cfg, data) as retriever:
-        return _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer,
+        return _fit(cfg, ppo, estimator, rollout_cfg, train_tasks, val_tasks, policy, tokenizer,
                     env_factory(cfg, retriever), label, objective_name, ckpt_path)
 
 
@@ -497,10 +499,10 @@ def check_objective(cfg: DictConfig, val_tasks: dict[str, list[Task]]) -> str:
     return name
 
 
-def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label, objective_name,
+def _fit(cfg, ppo, estimator, rollout_cfg, train_tasks, val_tasks, policy, tokenizer, make_env, label, objective_name,
          ckpt_path: str | None = None) -> float:
     datamodule = RolloutDataModule(train_tasks, make_env, backend_factory(cfg), tokenizer, rollout_cfg,
-                                   tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std, seed=cfg.seed,
+                                   tasks_per_step=cfg.tasks_per_step, seed=cfg.seed,
                                    max_failed_fraction=cfg.rollout.max_failed_fraction)
     frozen = DTYPES[cfg.model.get("frozen_dtype", cfg.model.dtype)]
     sharding = ShardingConfig(**OmegaConf.to_container(cfg.trainer.fsdp)) if sharded(cfg.trainer) else None
@@ -512,18 +514,17 @@ def _fit(cfg, ppo, method, rollout_cfg, train_tasks, val_tasks, policy, tokenize
     # and the progress bar count training steps, not PPO's several optimizer steps per batch.
     every = cfg.callbacks.checkpoint_every or cfg.training_steps
     checkpoints = os.path.join(cfg.paths.output_dir, "checkpoints")
-    callbacks = [RolloutLogging(), validation, Preemption(checkpoints, requeue=cfg.callbacks.requeue),
+    services = Services(tokenizer=tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg), frozen_dtype=frozen)
+    callbacks = [RolloutLogging(), AdvantageStage(estimator, services), validation,
+                 Preemption(checkpoints, requeue=cfg.callbacks.requeue),
                  ModelCheckpoint(dirpath=checkpoints, filename="step{train_step:04.0f}",
                                  auto_insert_metric_name=False, every_n_epochs=every, save_top_k=cfg.callbacks.keep_checkpoints,
                                  save_last=True, save_on_train_epoch_end=True),
                  progress_bar(cfg.callbacks.progress_bar)]
-    if method is not None:
-        callbacks.insert(1, TeacherRescoring(method, tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg),
-                                             micro_batch=cfg.algorithm.teacher.micro_batch_rows, dtype=frozen))
     from hydra.utils import instantiate
 
     if ckpt_path is not None and not sharded(cfg.trainer):  # another model or algorithm: one line, not a page
-        check_compatible(read_checkpoint(ckpt_path, mmap=True), ckpt_path, module, callbacks)
+        check_compatible(read_checkpoint(ckpt_path, mmap=True), ckpt_path, module, estimator.name)
     trainer = L.Trainer(max_epochs=cfg.training_steps, limit_train_batches=1, logger=instantiate(cfg.logger), callbacks=callbacks,
                         log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
                         default_root_dir=cfg.paths.output_dir,

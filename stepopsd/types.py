@@ -65,6 +65,8 @@ class StepRecord:
     response: str  # decoded response text
     target: tuple[int, int] | None  # [start, end) token span of the step target Z_k in the response; None: no target
     transition: Transition  # what the environment made of it
+    observation: str = ""  # the env observation this step acted on (before it): a hashable state key that
+    # step-level estimators group by (steps of one group in the same state)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ import os
 import sys
 import sysconfig
 
-# Spawned worker processes inherit sys.path; make tests/ importable there (toy_engines).
+# Spawned worker processes inherit sys.path; make tests/ importable there (the `helpers` package: toy_engines).
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
@@ -36,7 +36,7 @@ def generated_games(tmp_path_factory):
 
 def sweep_command(games, cache, out, *overrides, search="two_knob_grid"):
     """`python train.py -m hparams_search=<search> ...` on the tiny configuration, its study in `out`/study.db."""
-    from test_train_e2e import tiny_overrides
+    from helpers.runs import tiny_overrides
 
     tiny = [o for o in tiny_overrides(games, cache, out) if not o.startswith("hydra.run.dir")]
     return [sys.executable, "train.py", "-m", f"hparams_search={search}", "experiment=alfworld_heat", "machine=cpu", *tiny,

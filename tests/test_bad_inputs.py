@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from stepopsd.errors import UserError, one_line
-from test_configs import cfg_of
-from test_train_e2e import ROOT, run_train, tiny_overrides
+
+from helpers.configs import cfg_of
+from helpers.runs import ROOT, run_train, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,8 @@ def test_at_least_twenty_distinct_cases():
 
 @pytest.mark.parametrize("overrides, expected", [
     (["experiment=nope"], "Could not find 'experiment/nope'; Available options in 'experiment': alfworld_all,"),
-    (["experiment=alfworld_heat", "algorithm=ppo"], "Available options in 'algorithm': grpo, stepopsd"),
+    (["experiment=alfworld_heat", "algorithm=ppo"],  # every config in conf/algorithm/ (one per registered estimator)
+     "Available options in 'algorithm': " + ", ".join(sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "algorithm"))))),
     (["experiment=alfworld_heat", "algorithm.ppo.lrr=1"], "Could not override 'algorithm.ppo.lrr'"),
     (["experiment=alfworld_heat", "seed=["], "no viable alternative"),
 ])

@@ -3,18 +3,14 @@ import os
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from stepopsd.train import ConfigError, check_config
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+from helpers.configs import CONF, cfg_of
+
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "experiment")))
-
-
-def cfg_of(*overrides, name="train"):
-    with initialize_config_dir(version_base="1.3", config_dir=CONF):
-        return compose(name, overrides=list(overrides), return_hydra_config=False)
+ALGORITHMS = sorted(f[:-5] for f in os.listdir(os.path.join(CONF, "algorithm")))  # one per registered estimator
 
 
 def test_the_experiments_the_issue_names_exist():
@@ -25,7 +21,7 @@ def test_the_experiments_the_issue_names_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("machine", [None, "cpu"])
-@pytest.mark.parametrize("algorithm", ["grpo", "stepopsd"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("entry", ["train", "eval"])
 def test_every_experiment_composes_and_its_knobs_check(experiment, machine, algorithm, entry):
     overrides = [f"experiment={experiment}", f"algorithm={algorithm}"] + ([f"machine={machine}"] if machine else [])
@@ -35,9 +31,9 @@ def test_every_experiment_composes_and_its_knobs_check(experiment, machine, algo
         if group not in ("logger", "paths"):  # those need Hydra's runtime (the run directory)
             OmegaConf.to_container(cfg[group], resolve=True)  # every interpolation resolves
     if machine == "cpu":
-        ppo, method, rollout_cfg = check_config(cfg)
+        ppo, estimator, rollout_cfg = check_config(cfg)
         assert cfg.model.kind == "tiny" and cfg.data.generate is not None and not cfg.require_gpu
-        assert (method is None) == (algorithm == "grpo")
+        assert estimator.name == algorithm  # algorithm=<name> picks the registered estimator of that name
         assert not cfg.env.require_think and rollout_cfg.chat_template_kwargs == {}
         assert len(cfg.data.val_splits) == 1  # one validation split on the CPU machine (its cost unchanged)
     else:

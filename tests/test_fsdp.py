@@ -12,36 +12,22 @@ ModelParallelStrategy, on 2 CPU processes (gloo).
 """
 import json
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_e2e import run_train, tiny_overrides, train_rows
+from helpers.batches import synthetic_batch
+from helpers.dist import free_port, shard, tiny_qwen3
+from helpers.runs import run_train, tiny_overrides, train_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- one update, unit level -----------------------------------------------------------------------------------
 
 ROWS = {0: [(7, 3), (4, 9), (12, 2), (3, 1), (9, 6), (5, 5), (2, 8)], 1: [(7, 3), (4, 9), (12, 2)]}  # 3 vs 2 micro-batches
-
-
-def _policy():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(config)
 
 
 def _module(policy, sharding=None):
@@ -52,15 +38,6 @@ def _module(policy, sharding=None):
     with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
         for p in module.reference.parameters():
             p.add_(0.01 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
-    return module
-
-
-def _shard(module, world):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    module._device_mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
-    module.configure_model()
-    assert module.sharded
     return module
 
 
@@ -89,7 +66,6 @@ def _update_worker(rank: int, world: int, port: int, out: str) -> None:
 
     from stepopsd.data.batch import micro_batches
     from stepopsd.policy.sharding import ShardingConfig
-    from test_scale import synthetic_batch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -97,7 +73,7 @@ def _update_worker(rank: int, world: int, port: int, out: str) -> None:
         batch = synthetic_batch(64, ROWS[rank], seed=rank)
         index = torch.arange(batch.num_rows)
         # unsharded: this rank's gradient, averaged over the ranks, clipped, one AdamW step
-        plain = _module(_policy())
+        plain = _module(tiny_qwen3())
         plain_opt = plain.configure_optimizers()["optimizer"]
         plain.accumulate(batch, index)
         for p in plain.policy.parameters():
@@ -106,7 +82,7 @@ def _update_worker(rank: int, world: int, port: int, out: str) -> None:
         plain_norm = plain._clip_gradients().item()
         plain_opt.step()
         # sharded: the same update under FSDP2 (after a rollout inside full_weights)
-        module = _shard(_module(_policy(), ShardingConfig()), world)
+        module = shard(_module(tiny_qwen3(), ShardingConfig()), world)
         opt = module.configure_optimizers()["optimizer"]  # over the shards (Lightning: right after configure_model)
         gap = _rollout_gap(module, rank, autocast=False)
         module.accumulate(batch, index)
@@ -116,7 +92,7 @@ def _update_worker(rank: int, world: int, port: int, out: str) -> None:
                    for p, q in zip(module.policy.parameters(), plain.policy.parameters()))
         scale = max(q.abs().max().item() for q in plain.policy.parameters())
         # bf16 gathered weights (bf16-mixed): rollout and training forward use the same gathered bf16 weights
-        bf16 = _shard(_module(_policy(), ShardingConfig(param_dtype="bfloat16")), world)
+        bf16 = shard(_module(tiny_qwen3(), ShardingConfig(param_dtype="bfloat16")), world)
         bf16_gap = _rollout_gap(bf16, rank, autocast=True)
         torch.save(dict(
             micro=len(micro_batches(index, batch.attention_mask.sum(1), rows=8, tokens=30)),
@@ -131,7 +107,7 @@ def _update_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_one_fsdp_update_equals_the_unsharded_update_and_rollouts_match_the_trainer(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_update_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_update_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["micro"] for r in ranks] == [3, 2]  # rank 1 pads one zero-weight micro-batch
     for r in ranks:

@@ -17,7 +17,7 @@ from stepopsd.policy.backends import HFBackend, SamplingParams
 from stepopsd.policy.backends.hf import SampledTokenLogprobs
 from stepopsd.policy.logprobs import sequence_logprobs
 
-from test_policy import ids_of, tiny, tok  # noqa: E402,F401  (fixtures; tests/ is on sys.path via conftest)
+from helpers.tiny_policy import ids_of, tiny, tok  # noqa: F401  (tiny, tok: fixtures; tests/ is on sys.path via conftest)
 
 PARAMS = {
     "t1": SamplingParams(max_new_tokens=10, temperature=1.0),

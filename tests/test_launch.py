@@ -13,17 +13,14 @@ from hydra import compose, initialize_config_dir
 
 from stepopsd.launch import trainer_kwargs
 from stepopsd.train import ConfigError, check_config
-from test_train_e2e import tiny_overrides
+
+from helpers.configs import heat_cpu_cfg
+from helpers.runs import tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = os.path.join(ROOT, "tests", "launch_probe.py")
+PROBE = os.path.join(ROOT, "tests", "helpers", "launch_probe.py")
 LAUNCH_ENV = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT", "RANK", "WORLD_SIZE",
               "LOCAL_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT", "STEPOPSD_RUN_STAMP")
-
-
-def cfg_of(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=os.path.join(ROOT, "conf")):
-        return compose("train", overrides=["experiment=alfworld_heat", "machine=cpu", *overrides])
 
 
 def free_port() -> int:
@@ -100,19 +97,19 @@ def test_srun_ranks_share_rank_zero_stamp_and_wait_for_its_data(tmp_path):
 
 
 def test_trainer_groups_compose():
-    ddp = cfg_of("trainer=ddp").trainer
+    ddp = heat_cpu_cfg("trainer=ddp").trainer
     assert (ddp.strategy, ddp.accelerator, ddp.devices, ddp.num_nodes) == ("ddp", "cpu", 1, 1)  # machine=cpu: gloo
     strategy = trainer_kwargs(ddp)["strategy"]  # gradients as views into DDP's buckets: no second full-size copy
     assert type(strategy).__name__ == "DDPStrategy" and strategy._ddp_kwargs == {"gradient_as_bucket_view": True}
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(ROOT, "conf")):
         paper = compose("train", overrides=["experiment=alfworld_heat", "trainer=ddp", "trainer.num_nodes=4"]).trainer
     assert (paper.strategy, paper.accelerator, paper.num_nodes) == ("ddp", "gpu", 4)
-    fsdp = cfg_of("trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2").trainer
+    fsdp = heat_cpu_cfg("trainer=fsdp", "trainer.devices=4", "trainer.num_nodes=2").trainer
     kwargs = trainer_kwargs(fsdp)
     assert type(kwargs["strategy"]).__name__ == "ModelParallelStrategy" and "fsdp" not in kwargs
     assert (kwargs["strategy"]._data_parallel_size, kwargs["strategy"]._tensor_parallel_size) == (8, 1)  # every process
     assert set(fsdp.fsdp) == {"layer_class", "reshard_after_forward", "param_dtype", "reduce_dtype"}
-    check_config(cfg_of("trainer=fsdp", "trainer.devices=2"))  # CPU processes (gloo): accepted
+    check_config(heat_cpu_cfg("trainer=fsdp", "trainer.devices=2"))  # CPU processes (gloo): accepted
 
 
 @pytest.mark.parametrize("overrides, env, words", [
@@ -133,7 +130,7 @@ def test_bad_launch_combinations_are_one_line_config_errors(overrides, env, word
     for k, v in env.items():
         monkeypatch.setenv(k, str(v))
     with pytest.raises(ConfigError, match=words) as e:
-        check_config(cfg_of(*overrides))
+        check_config(heat_cpu_cfg(*overrides))
     assert "\n" not in str(e.value)
 
 

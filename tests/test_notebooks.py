@@ -10,9 +10,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
-from test_train_e2e import ROOT, run_train, tiny_overrides
 
 from stepopsd import analysis as A
+
+from helpers.runs import ROOT, run_train, tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ def test_setup_console_drops_lightnings_own_console_handlers_only_under_a_config
 
 
 def test_the_progress_bar_knob_is_checked_before_any_work():
-    from test_configs import cfg_of
+    from helpers.configs import cfg_of
 
     from stepopsd.train import ConfigError, check_config
 

@@ -2,7 +2,7 @@
 lines for the tiny policy's build, each training step and each validation, and every log line printed once."""
 import re
 
-from test_train_e2e import run_train, tiny_overrides
+from helpers.runs import run_train, tiny_overrides
 
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]\[[\w.]+\]\[[A-Z]+\] - (.*)$")  # Hydra's job logging format
 

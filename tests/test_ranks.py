@@ -13,8 +13,9 @@ import os
 import torch
 
 from stepopsd.algorithms.grpo import AGGREGATIONS
-from test_fsdp import _free_port, _policy, _shard
-from test_scale import synthetic_batch
+
+from helpers.batches import synthetic_batch
+from helpers.dist import free_port, shard, tiny_qwen3
 
 VOCAB = 64
 ROWS = {0: [(6, 12), (3, 14), (9, 10), (4, 13), (7, 11), (2, 15), (5, 12), (8, 9)],  # 96 response tokens
@@ -27,7 +28,7 @@ def _module(agg: str, mini_batch_rows: int, sharding=None):
 
     ppo = PPOConfig(lr=1e-3, agg=agg, kl_coef=0.05, entropy_coef=0.01, mini_batch_rows=mini_batch_rows,
                     micro_batch_tokens=60, max_grad_norm=1e3, logp_gap_threshold=1e9)
-    module = GRPOModule(_policy(), ppo, sharding=sharding)
+    module = GRPOModule(tiny_qwen3(), ppo, sharding=sharding)
     with torch.no_grad():  # a reference that differs from the policy, so the KL term has a gradient
         for p in module.reference.parameters():
             p.add_(0.01 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
@@ -54,7 +55,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 ddp = _module(agg, mini)
                 ddp.policy = DistributedDataParallel(ddp.policy)  # averages gradients over the ranks, as trainer=ddp
                 ddp.update(batch, ddp.configure_optimizers()["optimizer"])
-                fsdp = _shard(_module(agg, mini, ShardingConfig()), world)
+                fsdp = shard(_module(agg, mini, ShardingConfig()), world)
                 fsdp.update(batch, fsdp.configure_optimizers()["optimizer"])
                 result[agg, layout] = {"ddp": _weights(ddp), "fsdp": _weights(fsdp)}
         if rank == 0:
@@ -99,7 +100,7 @@ def _union_update(agg: str, mini: int) -> list[torch.Tensor]:
 def test_uneven_ranks_update_like_one_process_on_the_union_of_their_rows(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     ranks = torch.load(tmp_path / "ranks.pt")
     start = _weights(_module("token_mean", 16))
     for agg in AGGREGATIONS:
@@ -152,7 +153,7 @@ def _decisions_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_every_run_stopping_decision_is_the_same_on_every_rank(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_decisions_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_decisions_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     zero, one = (torch.load(tmp_path / f"decisions{r}.pt") for r in (0, 1))
     assert zero == one
     assert "differ by 0.2857 per token" in zero["gap"]  # 4 tokens off by 1 over 14 tokens, reduced over ranks
@@ -166,7 +167,7 @@ def test_one_broken_rank_stops_both_ranks_with_one_line(generated_games, tmp_pat
     stop in step 1 with the same line and the job exits 2 within seconds, not at the process group's timeout."""
     import time
 
-    from test_train_e2e import run_train, tiny_overrides
+    from helpers.runs import run_train, tiny_overrides
 
     cache, out = tmp_path_factory.getbasetemp() / "tiny-cache", tmp_path_factory.mktemp("one-stop")
     start = time.monotonic()

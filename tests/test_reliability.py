@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from stepopsd.checkpoints import last_good_checkpoint
-from test_train_e2e import ROOT, run_train, tiny_overrides
+
+from helpers.runs import ROOT, run_train, tiny_overrides
 
 STEPS = 3
 TIMED = ("time/", "perf/")  # wall-clock columns differ between any two runs

@@ -10,7 +10,8 @@ import pytest
 from stepopsd.envs.search.retrieval import (LocalRetrieverServer, RetrieverClient, RetrieverError,
                                             RetrieverProtocolError, RetrieverUnavailable, check_retriever)
 from stepopsd.errors import UserError
-from test_search_retrieval import _write_corpus
+
+from helpers.search_corpus import write_corpus
 
 
 def _one_line_user_error(excinfo, *words):
@@ -111,7 +112,7 @@ def test_static_file_server_without_post(tmp_path):
 
 
 def test_real_retriever_passes(tmp_path):
-    with LocalRetrieverServer(_write_corpus(tmp_path / "c.jsonl"), startup_timeout=60) as srv:
+    with LocalRetrieverServer(write_corpus(tmp_path / "c.jsonl"), startup_timeout=60) as srv:
         assert check_retriever(srv.url + "/retrieve", timeout=5) is None
         assert check_retriever(srv.url, timeout=5) is None
 

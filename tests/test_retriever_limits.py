@@ -12,14 +12,15 @@ import pytest
 from stepopsd.envs.search.env import SearchEnv
 from stepopsd.envs.search.retrieval import BM25Retriever, Limits, LocalRetrieverServer, RetrieverClient, make_server
 from stepopsd.types import Task
-from test_search_retrieval import _write_corpus
+
+from helpers.search_corpus import write_corpus
 
 LIMITS = Limits(max_queries=4, max_query_chars=50, topk_max=5, max_body_bytes=200_000, read_timeout=1.0)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return _write_corpus(tmp_path_factory.mktemp("corpus") / "wiki-18.jsonl")
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "wiki-18.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 from stepopsd.envs.search.env import SearchEnv
 from stepopsd.envs.search.retrieval import LocalRetrieverServer, RetrieverClient, RetrieverUnavailable
 from stepopsd.types import Task
-from test_search_retrieval import _write_corpus
+
+from helpers.search_corpus import write_corpus
 
 TASKS = [Task("t/0", "gen", "q.parquet", "test", True, "Who designed the Zorblat tower clock?", ("Ossa Brell",)),
          Task("t/1", "gen", "q.parquet", "test", True, "What is Vellow known for?", ("its copper lighthouse",))]
@@ -18,7 +19,7 @@ SEARCH = {0: "<search>Zorblat tower clock</search>", 1: "<search>tinker clockmak
 
 @pytest.fixture
 def corpus(tmp_path):
-    return _write_corpus(tmp_path / "wiki-18.jsonl")
+    return write_corpus(tmp_path / "wiki-18.jsonl")
 
 
 def _kill(srv):

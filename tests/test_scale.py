@@ -8,10 +8,12 @@ import torch
 from omegaconf import OmegaConf
 
 from stepopsd.algorithms.grpo import AGGREGATIONS, aggregate, aggregation_norm
-from stepopsd.data.batch import RolloutBatch, micro_batches
+from stepopsd.data.batch import micro_batches
 from stepopsd.module import GRPOModule, PPOConfig
 from stepopsd.policy.loading import random_policy, task_tokenizer
 from stepopsd.types import Task
+
+from helpers.batches import synthetic_batch
 
 QWEN3 = OmegaConf.to_container(OmegaConf.load("conf/model/qwen3_1.7b.yaml").arch)
 SHRUNK = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -28,24 +30,6 @@ def qwen3(tok, vocab: int | None = None, seed: int = 0):
     """A 2-layer Qwen3-1.7B: the repo's arch with the depth and widths shrunk (vocabulary real unless given)."""
     arch = QWEN3 | SHRUNK | ({"vocab_size": vocab} if vocab else {})
     return random_policy(arch, tok, seed=seed)
-
-
-def synthetic_batch(vocab: int, lengths: list[tuple[int, int]], seed: int = 0) -> RolloutBatch:
-    """Rows of (prompt, response) lengths, right-padded; rollout log-probs near a plausible value and
-    advantages of both signs, so that the clip and all loss terms are active."""
-    g = torch.Generator().manual_seed(seed)
-    n, width = len(lengths), max(p + r for p, r in lengths)
-    ids = torch.zeros(n, width, dtype=torch.long)
-    attention, loss_mask = torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width)
-    for i, (p, r) in enumerate(lengths):
-        ids[i, :p + r] = torch.randint(5, vocab, (p + r,), generator=g)
-        attention[i, :p + r] = 1
-        loss_mask[i, p:p + r] = 1
-    rollout_logp = (-torch.rand(n, width, generator=g) * 8 - 4) * loss_mask
-    adv = torch.randn(n, 1, generator=g) * loss_mask
-    z = torch.zeros(n, dtype=torch.long)
-    return RolloutBatch(ids, attention, loss_mask, rollout_logp, adv, torch.full((n, width), -1), torch.arange(n), z,
-                        torch.tensor([p for p, _ in lengths]), z, z.float(), z.bool(), z.float(), ())
 
 
 LENGTHS = [(7, 3), (4, 9), (12, 2), (3, 1), (9, 6), (5, 5), (2, 8)]

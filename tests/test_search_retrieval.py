@@ -11,34 +11,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stepopsd.envs.search.corpus import passage_line
 from stepopsd.envs.search.retrieval import (BM25Retriever, LocalRetrieverServer, RetrieverClient,
                                             RetrieverRequestError, RetrieverUnavailable)
 
-FACTS = [  # fictional entities only
-    ("Zorblat", "Zorblat is the capital of Quenland, founded by the tinker Ossa Brell."),
-    ("Quenland", "Quenland is a kingdom on the Grey Sea ruled by Queen Mirra Vantis."),
-    ("Mirra Vantis", "Mirra Vantis was born in the harbour town of Vellow in 1802."),
-    ("Vellow", "Vellow is a fishing port known for its copper lighthouse."),
-    ("Grey Sea", "The Grey Sea is a cold inland sea fed by the river Ostrel."),
-    ("Ostrel", "The Ostrel river rises in the Dunmarch hills and carries amber silt."),
-    ("Dunmarch", "Dunmarch is a range of hills where shepherds breed woolly kettlegoats."),
-    ("Kettlegoat", "The kettlegoat is a goat breed whose milk is made into sharp blue cheese."),
-    ("Ossa Brell", "Ossa Brell was a tinker and clockmaker who designed the Zorblat tower clock."),
-    ("Tharnwick College", "Tharnwick College is a school of astronomy with a brass orrery."),
-    ("Pellumy", "Pellumy is a card game played with seventy painted tiles."),
-    ("Ivo Sarrent", "Ivo Sarrent composed the opera The Lantern Thief in Zorblat."),
-]
-
-
-def _write_corpus(path, facts=FACTS):
-    path.write_text("".join(passage_line(str(i), t, x) + "\n" for i, (t, x) in enumerate(facts)))
-    return str(path)
+from helpers.search_corpus import FACTS, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return _write_corpus(tmp_path_factory.mktemp("corpus") / "wiki-18.jsonl")
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "wiki-18.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +67,13 @@ def test_bm25_topk_capped_and_degenerate_queries(corpus):
 
 
 def test_cache_reused_and_rebuilt_when_corpus_changes(tmp_path):
-    path = _write_corpus(tmp_path / "c.jsonl")
+    path = write_corpus(tmp_path / "c.jsonl")
     first = BM25Retriever(path)
     assert first.built and os.path.isfile(os.path.join(path + ".bm25s", "corpus_key.json"))
     second = BM25Retriever(path)
     assert not second.built
     assert second.search(["copper lighthouse"])[0][0].title == "Vellow"
-    _write_corpus(tmp_path / "c.jsonl", FACTS + [("Brask", "Brask is a copper lighthouse island.")])
+    write_corpus(tmp_path / "c.jsonl", FACTS + [("Brask", "Brask is a copper lighthouse island.")])
     third = BM25Retriever(path)
     assert third.built and len(third) == len(FACTS) + 1
     assert not BM25Retriever(path).built
@@ -220,3 +201,30 @@ def test_local_server_stops_cleanly_on_exit(corpus):
         assert srv.url.startswith("http://127.0.0.1:")
         assert srv.client().search(["Pellumy tiles"])[0][0].title == "Pellumy"
     assert srv.proc.returncode == 0 and not os.path.exists(log)
+
+
+def test_the_retrieval_parts_import_downward_only():
+    """index (no HTTP) <- server (any retriever) <- client (HTTP only) <- service (composes them): no part imports a
+    part above it, and the package re-exports the names the project imports from it."""
+    import ast
+    import pathlib
+
+    import stepopsd.envs.search.retrieval as retrieval
+
+    folder = pathlib.Path(retrieval.__file__).parent
+
+    def imports(part):
+        tree = ast.parse((folder / f"{part}.py").read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        return {name.split(".")[0] if not name.startswith("stepopsd.") else name for name in names}
+
+    pkg = "stepopsd.envs.search.retrieval."
+    assert not {pkg + p for p in ("server", "client", "service")} & imports("index")
+    assert not {"http", "urllib", "socket"} & imports("index")
+    assert not {pkg + p for p in ("index", "client", "service")} & imports("server")
+    assert not {pkg + p for p in ("index", "service")} & imports("client")
+    for name in ("BM25Retriever", "Limits", "LocalRetrieverServer", "RetrieverClient", "RetrieverError",
+                 "RetrieverProtocolError", "RetrieverRequestError", "RetrieverUnavailable", "check_retriever", "main",
+                 "make_server", "_passage"):
+        assert hasattr(retrieval, name), name

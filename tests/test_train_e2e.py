@@ -2,28 +2,12 @@
 import csv
 import glob
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_overrides(games, cache, out):
-    return [f"data.path={games}", "data.generate=null", f"paths.cache_dir={cache}", f"hydra.run.dir={out}",
-            "training_steps=2", "tasks_per_step=1", "group_size=2", "env.max_steps=3", "val_tasks=1", "val_every=1",
-            "rollout.max_new_tokens=24", "model.sft.epochs=1", "model.vocab_size=512",
-            "model.architecture.hidden_size=32", "model.architecture.num_layers=1", "model.architecture.intermediate_size=64",
-            "algorithm.ppo.logp_gap_threshold=0.001",
-            "algorithm.ppo.entropy_coef=0.01"]  # a gradient even when every group is uniform (tiny runs rarely win)
-
-
-def run_train(*overrides, env: dict | None = None):
-    return subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env=None if env is None else os.environ | env)
+from helpers.runs import run_train, tiny_overrides, train_rows
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +80,6 @@ def test_without_gpu_and_without_machine_cpu_the_hint_says_to_add_it():
     proc = run_train("experiment=alfworld_heat")
     assert proc.returncode == 2 and "machine=cpu" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def train_rows(out):
-    rows = list(csv.DictReader(open(out / "csv" / "version_0" / "metrics.csv")))
-    return rows, [r for r in rows if r.get("actor/pg_loss")]
 
 
 def test_resume_from_a_checkpoint_continues_the_run_exactly(games, tmp_path_factory):

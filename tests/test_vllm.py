@@ -24,8 +24,8 @@ from stepopsd.policy.logprobs import sequence_logprobs  # noqa: E402
 from stepopsd.policy.tiny import build_tiny_policy  # noqa: E402
 from stepopsd.policy.tokenizer import train_word_tokenizer  # noqa: E402
 
-from alfworld_text import ADMISSIBLE, GOAL, OBS  # noqa: E402
-from test_train_e2e import run_train, tiny_overrides  # noqa: E402
+from helpers.alfworld_text import ADMISSIBLE, GOAL, OBS  # noqa: E402
+from helpers.runs import run_train, tiny_overrides  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 CONFIG = VLLMConfig(max_model_len=512, max_num_seqs=128, dtype="float32")
@@ -143,12 +143,12 @@ def test_weights_sync_after_an_update(engine, policy, prompts):
 
 
 def test_rollout_is_cap_defaults_to_2_under_vllm_unless_set():
-    from test_launch import cfg_of
+    from helpers.configs import heat_cpu_cfg
     from stepopsd.train import check_config
 
-    assert check_config(cfg_of("rollout.backend=vllm"))[0].rollout_is_cap == 2.0
-    assert check_config(cfg_of("rollout.backend=vllm", "algorithm.ppo.rollout_is_cap=0"))[0].rollout_is_cap == 0.0
-    assert check_config(cfg_of("rollout.backend=hf"))[0].rollout_is_cap == 0.0
+    assert check_config(heat_cpu_cfg("rollout.backend=vllm"))[0].rollout_is_cap == 2.0
+    assert check_config(heat_cpu_cfg("rollout.backend=vllm", "algorithm.ppo.rollout_is_cap=0"))[0].rollout_is_cap == 0.0
+    assert check_config(heat_cpu_cfg("rollout.backend=hf"))[0].rollout_is_cap == 0.0
 
 
 def _rows(out):

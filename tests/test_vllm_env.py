@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from stepopsd.errors import UserError
 from stepopsd.policy.backends.vllm import (RankEnvError, engine_rank_env, engine_tensors, local_rank_from_hosts,
                                            prepare_engine_env)
-from test_fsdp import _free_port
+
+from helpers.dist import free_port
 
 TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
@@ -114,7 +115,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_each_rank_of_a_real_gloo_group_computes_its_own_variables(tmp_path):
-    port = _free_port()
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         r = json.load(open(tmp_path / f"rank{rank}.json"))
@@ -132,12 +133,12 @@ def test_each_rank_of_a_real_gloo_group_computes_its_own_variables(tmp_path):
 def test_rollout_is_cap_left_null_is_off_under_hf():
     """`algorithm.ppo.rollout_is_cap` null (the default) is 0 under rollout.backend=hf and stays settable; the
     vLLM half (null -> 2.0, an explicit 0 kept) is in tests/test_vllm.py, where vLLM imports."""
-    from test_launch import cfg_of
+    from helpers.configs import heat_cpu_cfg
     from stepopsd.train import check_config
 
-    assert cfg_of().algorithm.ppo.rollout_is_cap is None
-    assert check_config(cfg_of())[0].rollout_is_cap == 0.0
-    assert check_config(cfg_of("algorithm.ppo.rollout_is_cap=3.0"))[0].rollout_is_cap == 3.0
+    assert heat_cpu_cfg().algorithm.ppo.rollout_is_cap is None
+    assert check_config(heat_cpu_cfg())[0].rollout_is_cap == 0.0
+    assert check_config(heat_cpu_cfg("algorithm.ppo.rollout_is_cap=3.0"))[0].rollout_is_cap == 3.0
 
 
 class _RecordingEngine:

@@ -9,7 +9,7 @@ import pytest
 
 from stepopsd import faults
 from stepopsd.envs.workers import EnvWorkerPool, SlotResult
-from toy_engines import CounterEngine
+from helpers.toy_engines import CounterEngine
 
 pytestmark = pytest.mark.timeout(60)
 

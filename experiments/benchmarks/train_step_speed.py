@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 import stepopsd
 import stepopsd.launch  # noqa: F401  registers the config's resolvers
 from stepopsd.module import GRPOModule
-from stepopsd.teacher import rescore
+from stepopsd.estimators import Context, Services
 from stepopsd.train import build_policy, check_config, env_factory, load_split, prepare_data
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(stepopsd.__file__))), "conf")
@@ -40,21 +40,20 @@ def config(overrides: list[str]):
 
 def setup(overrides: list[str]):
     cfg = config(overrides)
-    ppo, method, rollout_cfg = check_config(cfg)
+    ppo, estimator, rollout_cfg = check_config(cfg)
     data = prepare_data(cfg)
     tasks = load_split(cfg, data, cfg.data.train_split, cfg.data.task_types)
     policy, tokenizer = build_policy(cfg, data, tasks)
-    return cfg, ppo, method, rollout_cfg, tasks, policy, tokenizer
+    return cfg, ppo, estimator, rollout_cfg, tasks, policy, tokenizer
 
 
 def rollouts(args, overrides: list[str]) -> None:
     from stepopsd.data.datamodule import RolloutDataModule
     from stepopsd.policy.backends.hf import HFBackend
 
-    cfg, ppo, method, rollout_cfg, tasks, policy, tokenizer = setup(overrides)
+    cfg, ppo, _, rollout_cfg, tasks, policy, tokenizer = setup(overrides)
     dm = RolloutDataModule(tasks, env_factory(cfg), lambda p, t: HFBackend(p, t, batch_size=cfg.rollout.generate_batch_size),
-                           tokenizer, rollout_cfg, tasks_per_step=cfg.tasks_per_step, scale_by_std=cfg.algorithm.scale_by_std,
-                           seed=cfg.seed)
+                           tokenizer, rollout_cfg, tasks_per_step=cfg.tasks_per_step, seed=cfg.seed)
     dm.attach(policy)
     batches, rows = [], []
     try:
@@ -69,19 +68,17 @@ def rollouts(args, overrides: list[str]) -> None:
 
 
 def updates(args, overrides: list[str]) -> None:
-    cfg, ppo, method, _, _, policy, tokenizer = setup(overrides)
+    cfg, ppo, estimator, _, _, policy, tokenizer = setup(overrides)
     batches = torch.load(args.batches, weights_only=False)
     sft = copy.deepcopy(policy.state_dict())
     module = GRPOModule(policy, ppo)  # the KL reference: the SFT policy, as at the start of a run
-    teacher = copy.deepcopy(policy).eval()  # the teacher snapshot of the first steps: the SFT policy too
+    estimator.setup(policy, Services(tokenizer=tokenizer, temperature=ppo.temperature))  # a teacher: the SFT policy too
     rows = []
     for i, batch in enumerate(batches):
         policy.load_state_dict(sft)  # every batch is updated from the SFT policy
         batch = type(batch)(**vars(batch))  # rescoring writes the advantages back
         t0 = time.perf_counter()
-        if method is not None:
-            batch.advantages, _ = rescore(batch, teacher, tokenizer, method, i, pad_id=tokenizer.pad_token_id,
-                                          temperature=ppo.temperature, micro_batch=cfg.algorithm.teacher.micro_batch_rows)
+        batch.advantages = estimator.advantages(batch, Context(step=i, policy=policy)).tokens  # StepOPSD: the teacher
         t1 = time.perf_counter()
         opt = torch.optim.AdamW(policy.parameters(), lr=ppo.lr)
         policy.train()

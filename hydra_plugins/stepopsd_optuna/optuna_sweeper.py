@@ -23,18 +23,21 @@ The best trial goes to `<sweep dir>/optimization_results.yaml`.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
 import sys
 import traceback
+from decimal import Decimal
 from pathlib import Path
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobStatus
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -53,12 +56,13 @@ class SweepError(UserError, ValueError):
 
 
 def distribution(key: str, spec):
-    """Hydra's sweep syntax -> an Optuna distribution: choice(...) / range(...) -> categorical,
+    """Hydra's sweep syntax -> an Optuna distribution: choice(...) -> categorical; range(start, stop[, step]) -> int
+    (float if a bound or the step is a float) with that step, so that the sampler sees the values' order;
     interval(a, b) -> float (tag(log, ...) for log scale, tag(int, ...) for integers)."""
     if isinstance(spec, ChoiceSweep):
         return CategoricalDistribution(list(spec.list))
     if isinstance(spec, RangeSweep):
-        return CategoricalDistribution(list(spec))
+        return range_distribution(key, spec)
     if isinstance(spec, IntervalSweep):
         log_scale, start, end = "log" in spec.tags, spec.start, spec.end
         if not start < end or (log_scale and start <= 0):
@@ -68,6 +72,42 @@ def distribution(key: str, spec):
         return FloatDistribution(float(start), float(end), log=log_scale)
     raise SweepError(f"hydra.sweeper.params.{key}={spec!r}: use choice(...), range(...), interval(a, b) or "
                      "tag(log, interval(a, b))")
+
+
+def range_distribution(key: str, spec: RangeSweep):
+    """range(start, stop[, step]) as Python's range (stop excluded, a negative step counts down) -> the int or
+    float distribution over exactly its points: low = the smallest, high = the largest, step = |step|. Float
+    points are counted in decimal (range(0, 1, 0.1) has 10 points, 0.3 not 0.30000000000000004)."""
+    start, stop, step = spec.start, spec.stop, 1 if spec.step is None else spec.step
+    text = f"hydra.sweeper.params.{key}: range({start}, {stop}, {step})"
+    if "log" in spec.tags:
+        raise SweepError(f"{text}: a log scale needs an interval, tag(log, interval(a, b))")
+    if step == 0:
+        raise SweepError(f"{text}: the step must not be 0")
+    if any(isinstance(v, float) for v in (start, stop, step)):
+        first, delta = Decimal(str(start)), Decimal(str(step))
+        count = max(0, math.ceil((Decimal(str(stop)) - first) / delta))
+        points = [first + i * delta for i in range(count)]
+        if points:
+            return FloatDistribution(float(min(points)), float(max(points)), step=float(abs(delta)))
+    else:
+        points = list(range(int(start), int(stop), int(step)))
+        if points:
+            return IntDistribution(min(points), max(points), step=abs(int(step)))
+    raise SweepError(f"{text} has no values")
+
+
+def grid_points(dist) -> list | None:
+    """The values a GridSampler walks for a distribution: a categorical's choices, every point of an int or a
+    stepped float one (a range), in order; None for a continuous one (an interval)."""
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    if isinstance(dist, FloatDistribution) and dist.step is not None:
+        low, step = Decimal(str(dist.low)), Decimal(str(dist.step))
+        return [float(low + i * step) for i in range(int((Decimal(str(dist.high)) - low) / step) + 1)]
+    return None
 
 
 def override_value(value) -> str:
@@ -135,9 +175,9 @@ class OptunaSweeper(Sweeper):
         if self.direction not in ("maximize", "minimize"):
             raise SweepError(f"hydra.sweeper.direction={self.direction!r}: use maximize or minimize")
         grid = self._is_grid()
-        if grid and not all(isinstance(d, CategoricalDistribution) for d in space.values()):
+        if grid and any(grid_points(d) is None for d in space.values()):
             raise SweepError("hydra.sweeper.sampler is a GridSampler: give every parameter as choice(...) or range(...)")
-        size = math.prod(len(d.choices) for d in space.values()) if grid else None
+        size = math.prod(len(grid_points(d)) for d in space.values()) if grid else None
         n_trials = self.n_trials if self.n_trials is not None else size
         if not isinstance(n_trials, int) or n_trials < 1 or (size is not None and n_trials > size):
             raise SweepError(f"hydra.sweeper.n_trials={self.n_trials}: need an integer >= 1"
@@ -160,10 +200,13 @@ class OptunaSweeper(Sweeper):
             raise SweepError(f"hydra.sweeper.{what}: {str(e).splitlines()[0]}") from None
 
     def _study(self, space: dict) -> optuna.Study:
-        grid = {k: d.choices for k, d in space.items()} if self._is_grid() else {}
+        grid = {k: grid_points(d) for k, d in space.items()} if self._is_grid() else {}
         extra = {"search_space": grid} if grid else {}
         try:
-            storage = open_storage(self.storage)
+            storage = open_storage(self.storage)  # a URL (a database) or a storage object (a journal file)
+            if isinstance(storage, str):  # the object, so that `_recover` can reach trials through its public API
+                storage = optuna.storages.RDBStorage(storage)
+            self.storage_backend = storage
             existing = (len(optuna.load_study(study_name=self.study_name, storage=storage).trials)
                         if self.study_name in optuna.get_all_study_names(storage) else 0)
         except Exception as e:  # a bad URL, an unreachable database, a driver not installed
@@ -216,9 +259,14 @@ class OptunaSweeper(Sweeper):
         self._write_results(study, n_trials)
 
     def _recover(self, study: optuna.Study) -> None:
-        """Trials a killed sweep left RUNNING: FAIL (`interrupted`), and the same parameters asked again."""
+        """Trials a killed sweep left RUNNING: FAIL (`interrupted`), and the same parameters asked again.
+        A finished trial's user attributes cannot change, and a trial of another process is reached by number
+        only through the storage (BaseStorage's public methods: study id by name, trial id by number)."""
+        storage = self.storage_backend
+        study_id = storage.get_study_id_from_name(study.study_name)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, t.number),
+                                        "interrupted", True)
             tell(study, t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info(f"[optuna] trial {t.number} was left running by an interrupted sweep: marked FAIL, asked again")
@@ -232,7 +280,7 @@ class OptunaSweeper(Sweeper):
                 values.append(float(ret.return_value))
                 continue
             values.append(None)
-            exc = ret._return_value
+            exc = job_error(ret)
             if isinstance(exc, optuna.TrialPruned):
                 pruned = str(exc)
             elif isinstance(exc, (UserError, FileNotFoundError)) and not isinstance(exc, RunFailed):  # a bad config: stop
@@ -280,6 +328,19 @@ class OptunaSweeper(Sweeper):
         OmegaConf.save(OmegaConf.create(results), out / "optimization_results.yaml")
         log.info(f"[optuna] {states}; best: {results.get('best_params')} = {results.get('best_value')}; "
                  f"written to {out / 'optimization_results.yaml'}")
+
+
+def job_error(ret: JobReturn) -> BaseException:
+    """The exception a job that did not complete raised, read through `JobReturn.return_value`, Hydra's public
+    property, which re-raises it after writing "Error executing job with overrides: ..." to stderr: that line is
+    kept out (a pruned trial is no error, and the sweeper reports failed trials itself)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            value = ret.return_value
+    except BaseException as e:  # noqa: BLE001 - the job's own exception, whatever it is
+        tb = e.__traceback__  # the re-raise put two frames on top of the job's own: this one and the property's
+        return e.with_traceback(tb.tb_next.tb_next if tb is not None and tb.tb_next is not None else tb)
+    return RuntimeError(f"job status {ret.status.name} with return value {value!r:.100}")
 
 
 def tell(study: optuna.Study, trial, value=None, state=None) -> None:

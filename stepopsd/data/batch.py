@@ -1,11 +1,13 @@
-"""From trajectories to the typed training batch: the reward manager and the GRPO advantage.
+"""From trajectories to the typed training batch: the reward manager.
 
 `build_batch` turns the rollout's trajectories into a `RolloutBatch` in the step-per-row layout
 (ALFWorld: every env step is its own prompt, so every step is one row of prompt + response tokens):
 
     outcome reward R_i = sum of the step rewards (10 * won - 0.1 * invalid steps), success = won
-    A_i = group_advantages(R, group) (Eq. 1), every row of trajectory i carries A_i on its loss mask
     step_ids = k on the tokens of step k's target span Z_k, -1 elsewhere (for Eq. 4-12)
+
+The advantages are not computed here: the batch leaves with zeros, and the training step's one advantage stage
+fills them with the configured estimator (`stepopsd.estimators`, `callbacks.advantages.AdvantageStage`).
 
 Trajectories whose engine failed (crashed, hung, lost its retriever) are left out and counted; their
 group is normalised over its survivors, and a group left with fewer than two is dropped and counted: one
@@ -20,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-from stepopsd.algorithms.grpo import group_advantages, uniform_group_fraction
+from stepopsd.algorithms.grpo import uniform_group_fraction
 from stepopsd.types import Trajectory
 
 
@@ -28,14 +30,14 @@ from stepopsd.types import Trajectory
 class RolloutBatch:
     """Step rows [N, L] plus per-trajectory values [M]; rows of trajectory m have row_traj == m.
 
-    Only `advantages` is ever reassigned after construction: the TeacherRescoring callback writes
-    the shaped advantages (Eq. 6-12) there before `training_step` reads them."""
+    Only `advantages` and `traj_adv` are ever reassigned after construction: the advantage stage writes the
+    configured estimator's values there (zeros until then) before `training_step` reads them."""
 
     input_ids: torch.Tensor  # [N, L] long, prompt + response, right-padded
     attention_mask: torch.Tensor  # [N, L] long
     loss_mask: torch.Tensor  # [N, L] float, 1 on response tokens
     rollout_logp: torch.Tensor  # [N, L] float, log pi_old of response tokens (0 elsewhere)
-    advantages: torch.Tensor  # [N, L] float, A_i on response tokens; the callback may reshape it (Eq. 6-12)
+    advantages: torch.Tensor  # [N, L] float, the estimator's advantage of every response token (0 elsewhere)
     step_ids: torch.Tensor  # [N, L] long, step index k on target tokens, -1 elsewhere
     row_traj: torch.Tensor  # [N] long, trajectory index of each row
     row_step: torch.Tensor  # [N] long, step index k of each row within its trajectory
@@ -43,7 +45,7 @@ class RolloutBatch:
     traj_group: torch.Tensor  # [M] long
     traj_reward: torch.Tensor  # [M] float, outcome reward R_i
     traj_success: torch.Tensor  # [M] bool
-    traj_adv: torch.Tensor  # [M] float, A_i (Eq. 1)
+    traj_adv: torch.Tensor  # [M] float, an outcome-level estimator's A_i (Eq. 1 for GRPO); 0 otherwise
     trajectories: tuple[Trajectory, ...]  # the records the hindsight contexts are built from (Eq. 3)
     trainer_logp: torch.Tensor | None = None  # [N, L] pi_old recomputed by the trainer (ppo.rollout_is_cap only)
 
@@ -88,7 +90,7 @@ def micro_batches(index: torch.Tensor, lengths: torch.Tensor, *, rows: int, toke
     return out
 
 
-def build_batch(trajectories: list[Trajectory], *, pad_id: int, scale_by_std: bool = True) -> tuple[RolloutBatch, dict]:
+def build_batch(trajectories: list[Trajectory], *, pad_id: int) -> tuple[RolloutBatch, dict]:
     """The training batch and the reward manager's metrics (reward, success, uniform-group share)."""
     kept = [t for t in trajectories if not t.failed and t.steps]
     survivors = collections.Counter(t.group for t in kept)
@@ -100,7 +102,7 @@ def build_batch(trajectories: list[Trajectory], *, pad_id: int, scale_by_std: bo
                            "nothing to train on (see the env warnings)")
     reward = torch.tensor([t.outcome_reward for t in kept], dtype=torch.float32)
     group = torch.tensor([t.group for t in kept], dtype=torch.long)
-    adv = group_advantages(reward, group, scale_by_std=scale_by_std)
+    adv = torch.zeros_like(reward)  # filled by the advantage stage
     rows = [(m, k, s) for m, t in enumerate(kept) for k, s in enumerate(t.steps)]
     width = max(len(s.prompt_ids) + len(s.response_ids) for _, _, s in rows)
     n = len(rows)
@@ -119,7 +121,7 @@ def build_batch(trajectories: list[Trajectory], *, pad_id: int, scale_by_std: bo
             step_ids[r, p + s.target[0]:p + s.target[1]] = k
     row_traj = torch.tensor([m for m, _, _ in rows], dtype=torch.long)
     batch = RolloutBatch(
-        input_ids, attention, loss_mask, logp, adv[row_traj, None] * loss_mask, step_ids, row_traj,
+        input_ids, attention, loss_mask, logp, torch.zeros_like(loss_mask), step_ids, row_traj,
         torch.tensor([k for _, k, _ in rows], dtype=torch.long),
         torch.tensor([len(s.prompt_ids) for _, _, s in rows], dtype=torch.long),
         group, reward, torch.tensor([t.success for t in kept]), adv, tuple(kept))

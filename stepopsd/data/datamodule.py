@@ -43,7 +43,7 @@ class RolloutDataModule(L.LightningDataModule):
     builds the generation backend over the LightningModule's policy at fit start."""
 
     def __init__(self, tasks: list[Task], env_factory: Callable, backend_factory: Callable, tokenizer,
-                 rollout_cfg: RolloutConfig, *, tasks_per_step: int, scale_by_std: bool = True, seed: int = 0,
+                 rollout_cfg: RolloutConfig, *, tasks_per_step: int, seed: int = 0,
                  max_failed_fraction: float = 0.5):
         super().__init__()
         if tasks_per_step < 1:
@@ -54,7 +54,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.tasks = list(tasks)
         self.env_factory, self.backend_factory = env_factory, backend_factory
         self.tokenizer, self.rollout_cfg = tokenizer, rollout_cfg
-        self.tasks_per_step, self.scale_by_std, self.seed = tasks_per_step, scale_by_std, seed
+        self.tasks_per_step, self.seed = tasks_per_step, seed
         self.position = 0  # tasks consumed so far (checkpointed: resume continues the same order)
         self.batches = 0
         self.env = self.backend = self.policy = None
@@ -93,8 +93,7 @@ class RolloutDataModule(L.LightningDataModule):
             try:
                 yield self.backend
             finally:
-                if hasattr(self.backend, "sleep"):
-                    self.backend.sleep()
+                self.backend.sleep()  # a no-op unless the backend frees memory (vLLM sleep_level > 0)
 
     def _rank_tasks(self, count: int) -> list[Task]:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -122,7 +121,7 @@ class RolloutDataModule(L.LightningDataModule):
         problem = self._failures(trajectories)
         if problem is None:
             try:
-                batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id, scale_by_std=self.scale_by_std)
+                batch, metrics = build_batch(trajectories, pad_id=self.tokenizer.pad_token_id)
             except RuntimeError as e:  # failures left no group of two: nothing to train on
                 problem = f"{e}; resume with resume=auto"
         problem = ranks.agreed_problem(problem)  # one rank's broken env stops every rank in this step
@@ -158,6 +157,6 @@ class RolloutDataModule(L.LightningDataModule):
         if self.env is not None:
             self.env.close()
             self.env = None
-        if hasattr(self.backend, "close"):  # vLLM: the engine's memory goes back
-            self.backend.close()
+        if self.backend is not None:
+            self.backend.close()  # vLLM: the engine's memory goes back (HF: a no-op)
             self.backend = None

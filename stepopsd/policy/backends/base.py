@@ -71,6 +71,8 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 
 
 class GenerationBackend(Protocol):
+    """What the rollout loop and the datamodule call; backends are registered by name (`registry`)."""
+
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None
     ) -> list[Generation]:
@@ -79,4 +81,13 @@ class GenerationBackend(Protocol):
 
     def sync_weights(self, model) -> None:
         """Generate with `model`'s current weights from now on."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what the backend holds on the accelerator until the next `sync_weights` (after each rollout, for
+        the update); a no-op for a backend that holds nothing of its own (HF generates with the trainer's model)."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend for good (at teardown); a no-op for a backend that holds nothing of its own."""
         ...

@@ -47,6 +47,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from stepopsd.policy.backends.base import Generation, SamplingParams, stop_token_ids
+from stepopsd.policy.backends.registry import register_backend
 
 
 class SampledTokenLogprobs(LogitsProcessor):
@@ -91,6 +92,7 @@ class SampledTokenLogprobs(LogitsProcessor):
         return torch.stack(values, dim=1)
 
 
+@register_backend("hf", options=lambda cfg: {"batch_size": cfg.rollout.generate_batch_size})
 class HFBackend:
     """Batched `model.generate` behind the `GenerationBackend` interface."""
 
@@ -106,6 +108,12 @@ class HFBackend:
     def sync_weights(self, model) -> None:
         """Generate with `model` from now on (the trainer's module itself: no copy is made)."""
         self.model = model
+
+    def sleep(self) -> None:
+        """Nothing to free: generation uses the trainer's own module."""
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the trainer."""
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None

@@ -65,6 +65,7 @@ import torch
 
 from stepopsd.errors import UserError
 from stepopsd.policy.backends.base import Generation, SamplingParams, stop_token_ids
+from stepopsd.policy.backends.registry import register_backend
 
 SKIP_SYNC_VAR = "STEPOPSD_TEST_SKIP_WEIGHT_SYNC"  # tests only: "1" skips every push after the first
 INSTALL_HINT = ("rollout.backend=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, or the CPU build "
@@ -199,6 +200,7 @@ def engine_tensors(model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tenso
         del full
 
 
+@register_backend("vllm")  # its keyword arguments (config, seed) are read by train.vllm_config; vLLM imports on build
 class VLLMBackend:
     """An in-process vLLM engine behind the `GenerationBackend` interface; `sync_weights` after every update."""
 

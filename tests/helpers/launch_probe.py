@@ -1,5 +1,5 @@
-"""Run by tests/test_launch.py as one rank of a torchrun or simulated `srun` launch: what stepopsd.launch
-agrees on, as one JSON line. argv: an output folder shared by the ranks."""
+"""Run by tests/test_launch.py, by path as a script, as one rank of a torchrun or simulated `srun` launch: what
+stepopsd.launch agrees on, as one JSON line. argv: an output folder shared by the ranks."""
 import json
 import os
 import sys

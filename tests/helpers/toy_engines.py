@@ -1,4 +1,4 @@
-"""Toy engines for the worker-pool tests (importable by spawned workers via sys.path)."""
+"""Toy engines for the worker-pool tests (importable by spawned workers: tests/ is on their sys.path)."""
 from __future__ import annotations
 
 import os

@@ -1,0 +1,61 @@
+"""AdvantageStage: the one stage of the training step that computes the advantages, with the configured estimator.
+
+On every training batch, before `training_step`, it calls `estimator.advantages(batch, ctx)` (stepopsd/estimators)
+and writes the result into the batch (`advantages`, and `traj_adv` for outcome-level estimators): the only write
+to a batch after `build_batch`, so no other callback's position matters. The estimator's metrics are logged on
+the step (reduced across ranks). Its state (StepOPSD: the teacher snapshot and its clock) is this callback's
+checkpoint state, with the estimator's name; checkpoints of the former TeacherRescoring callback (StepOPSD runs
+before the estimator registry) load through Lightning's legacy state key.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import lightning as L
+
+from stepopsd.checkpoints import LEGACY_STATE_KEY
+from stepopsd.data.batch import RolloutBatch
+from stepopsd.estimators import Context, Estimator, Services
+
+
+class AdvantageStage(L.Callback):
+    def __init__(self, estimator: Estimator, services: Services | None = None):
+        self.estimator = estimator
+        self.services = services or Services()
+        self.steps = 0  # training steps seen (the estimators' t)
+        self._pending: dict | None = None
+
+    @property
+    def _legacy_state_key(self):  # Lightning reads a callback's state under this key when its state_key is absent
+        return LEGACY_STATE_KEY
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.estimator.setup(pl_module.policy, self.services)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning restores callback state after `setup`: a resumed run's estimator state lands here
+        if self._pending is not None:
+            self.estimator.load_state_dict(self._pending)
+            self._pending = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
+        ctx = Context(step=self.steps, policy=pl_module.policy, device=pl_module.device,
+                      compute=trainer.precision_plugin.forward_context,
+                      full_weights=getattr(pl_module, "full_weights", contextlib.nullcontext))
+        out = self.estimator.advantages(batch, ctx)
+        batch.advantages = out.tokens  # the documented write-back: training_step reads these
+        if out.trajectories is not None:
+            batch.traj_adv = out.trajectories
+        if out.metrics:
+            pl_module.log_dict(out.metrics, on_step=True, sync_dist=True, batch_size=batch.num_rows)
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {"estimator": self.estimator.name, "steps": self.steps, **self.estimator.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        state.pop("estimator", None)  # absent in a legacy TeacherRescoring state (always StepOPSD's)
+        self.steps = state.pop("steps", state.get("step", 0))
+        self._pending = state
+

@@ -1,0 +1,131 @@
+"""Advantage estimators: one interface, one registry, picked by `algorithm=<name>`.
+
+An estimator turns a rollout batch into per-token advantages. It receives the whole `RolloutBatch`: the outcome
+rewards and group ids per trajectory (`traj_reward`, `traj_group`), the row layout (`row_traj`, `row_step`,
+`loss_mask`, `step_ids` on the target spans) and the trajectory records themselves (`batch.trajectories`: every
+step's prompt, response, the observation it acted on (`StepRecord.observation`, a hashable state key for
+step-level grouping) and the env transition). It returns an `Advantages` record: [N, L] token advantages (0 off
+the loss mask), optionally the per-trajectory values [M], and its metrics.
+
+    @register_estimator("rloo")
+    class RLOO(Estimator):
+        def advantages(self, batch, ctx): ...
+
+A module in this package that registers an estimator is found by itself (`_discover`): adding one is a module,
+a conf/algorithm/<name>.yaml whose `name` is the registered name, and a test. The training step calls the
+configured estimator at one stage (`stepopsd.callbacks.advantages.AdvantageStage`), before the PPO update.
+Estimators may keep state (StepOPSD: the stale teacher and its clock): `setup` is called once with the policy and
+the run's `Services`, `state_dict` / `load_state_dict` go into checkpoints. One estimator may compose over another
+(StepOPSD reshapes the advantages of `algorithm.base`).
+
+`estimator_names()` lists what is registered; each module's docstring says what its estimator computes.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Mapping
+
+import torch
+
+from stepopsd.data.batch import RolloutBatch
+from stepopsd.errors import UserError
+
+
+@dataclass(frozen=True)
+class Advantages:
+    """What an estimator returns."""
+
+    tokens: torch.Tensor  # [N, L] advantage of every token (0 off the loss mask)
+    trajectories: torch.Tensor | None = None  # [M] one value per trajectory, for outcome-level estimators
+    metrics: dict = field(default_factory=dict)  # logged on the training step (reduced across ranks)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the run gives an estimator at `setup` (only teacher-shaped estimators use it)."""
+
+    tokenizer: Any = None
+    temperature: float = 1.0  # the rollout's sampling temperature (log-probs are taken at it)
+    peer_lines: Callable | None = None  # the environment's peer serialisation for hindsight blocks (spec §6)
+    frozen_dtype: torch.dtype | None = None  # dtype of frozen copies (a teacher snapshot)
+
+
+@dataclass(frozen=True)
+class Context:
+    """The training step an estimator runs in."""
+
+    step: int  # training steps done before this one (t of Eq. 9)
+    policy: torch.nn.Module | None = None
+    device: torch.device = torch.device("cpu")
+    compute: Callable[[], ContextManager] = contextlib.nullcontext  # the trainer's precision (bf16-mixed: autocast)
+    full_weights: Callable[[], ContextManager] = contextlib.nullcontext  # FSDP: the policy's gathered weights
+
+
+class Estimator:
+    """The interface (with no-op defaults for the optional parts). `name` is set by `register_estimator`."""
+
+    name: str = ""
+
+    @classmethod
+    def from_config(cls, algorithm: Mapping) -> "Estimator":
+        """An estimator from the `algorithm` config node (a plain dict); ValueError for a bad knob."""
+        return cls()
+
+    def setup(self, policy: torch.nn.Module, services: Services) -> None:
+        """Once, before training (the policy is built and sharded)."""
+
+    def advantages(self, batch: RolloutBatch, ctx: Context) -> Advantages:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class UnknownEstimatorError(UserError, ValueError):
+    """`algorithm=<name>` names no registered estimator: one line listing the registered ones."""
+
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register_estimator(name: str):
+    """Class decorator: register an `Estimator` subclass under `name` (the `algorithm.name` that picks it)."""
+    def add(cls: type[Estimator]) -> type[Estimator]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"an advantage estimator named {name!r} is already registered ({_REGISTRY[name].__module__})")
+        _REGISTRY[name] = cls
+        cls.name = name
+        return cls
+    return add
+
+
+def _discover() -> None:
+    """Import every module of this package once, so that each registers what it holds."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def estimator_names() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def build_estimator(algorithm: Mapping) -> Estimator:
+    """The estimator `algorithm["name"]` picks, built from the `algorithm` node (a dict); `UnknownEstimatorError`
+    (one line) for an unregistered name, ValueError for a bad knob."""
+    name = algorithm.get("name")
+    if name not in estimator_names():
+        raise UnknownEstimatorError(f"algorithm={name}: no advantage estimator of that name; registered: "
+                                    f"{', '.join(estimator_names())} (stepopsd/estimators/)")
+    return _REGISTRY[name].from_config(algorithm)
+
+
+def per_token(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:
+    """Per-trajectory values [M] broadcast to every loss-mask token of the trajectory's rows: [N, L]."""
+    return values[batch.row_traj, None] * batch.loss_mask
