@@ -22,6 +22,7 @@ import re
 import numpy as np
 import pandas as pd
 import yaml
+from omegaconf import OmegaConf
 from scipy import stats
 
 ALPHA, LAM = "algorithm.stepopsd.alpha_clip", "algorithm.stepopsd.lam0"  # the two knobs (sweep param names)
@@ -69,6 +70,9 @@ def run_info(run_dir: str) -> dict:
     off), task types, the data label and environment, the sweep trial number (None outside a sweep), and `arm`:
     the algorithm plus its `algorithm.stepopsd.*` command-line overrides (e.g. `stepopsd budget_clip=null`)."""
     cfg, overrides = _yaml(run_dir, "config.yaml"), _yaml(run_dir, "overrides.yaml") or []
+    # Hydra saves the config unresolved: `data.task_types: ['${task_type}']` for experiment=alfworld*; the nodes
+    # read here resolve lazily (the rest may name Hydra's runtime, which does not exist here)
+    data = OmegaConf.to_container(OmegaConf.create(cfg).data, resolve=True)
     choices = _yaml(run_dir, "hydra.yaml")["hydra"]["runtime"]["choices"]
     algo = cfg["algorithm"]["name"]
     knobs = (cfg["algorithm"].get("stepopsd") or {}) if algo == "stepopsd" else {}
@@ -78,7 +82,7 @@ def run_info(run_dir: str) -> dict:
     return {"run_dir": run_dir, "experiment": choices.get("experiment"), "algorithm": algo,
             "arm": " ".join([algo, *(set_knobs if algo == "stepopsd" else [])]), "seed": cfg["seed"],
             "alpha_clip": knobs.get("alpha_clip"), "lam0": knobs.get("lam0"), "budget_clip": knobs.get("budget_clip"),
-            "task_types": ",".join(cfg["data"]["task_types"]), "val_splits": ",".join(cfg["data"].get("val_splits") or []),
+            "task_types": ",".join(data["task_types"]), "val_splits": ",".join(data.get("val_splits") or []),
             "data": data_label(header),
             "env": choices.get("env"), "trial": (cfg.get("trial") or {}).get("number")}
 

@@ -25,12 +25,8 @@ from typing import Sequence
 
 import torch
 
+from stepopsd.envs.alfworld.prompts import peer_lines as alfworld_peer_lines  # noqa: F401  (the default serialisation)
 from stepopsd.types import Trajectory
-
-
-def alfworld_peer_lines(peer: Trajectory) -> list[str]:
-    """The peer's valid actions, numbered by step, observations dropped."""
-    return [f"{k + 1}. {s.transition.action}" for k, s in enumerate(peer.steps) if s.transition.valid]
 
 
 def fit_from_front(lines: list[str], tokenizer, budget: int) -> str:

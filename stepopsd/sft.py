@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from stepopsd.envs.alfworld.demos import DEMO_FORMAT, DemoOptions, export_demos
-from stepopsd.envs.alfworld.env import load_tasks
+from stepopsd.envs.alfworld.demos import DEMO_FORMAT  # in every cache key (Search-QA's too), as before
+from stepopsd.envs.registry import env_names, get_env
 from stepopsd.hindsight import hindsight_text
 from stepopsd.policy.tiny import build_tiny_policy, count_parameters
 from stepopsd.policy.tokenizer import train_word_tokenizer
@@ -33,9 +33,9 @@ NEWER_FIELDS = {"chat_template_kwargs": {}, "demo_repeat": 0.0}  # left out of t
 
 @dataclass(frozen=True)
 class TinySFTConfig:
-    data: str  # ALFWorld: folder holding json_2.1.1/; Search-QA: folder holding train.parquet
-    env: str = "alfworld"  # alfworld | search
-    corpus: str | None = None  # Search-QA: the wiki-18-format corpus the demonstrations search
+    data: str  # the environment's data folder (ALFWorld: holding json_2.1.1/; Search-QA: holding train.parquet)
+    env: str = "alfworld"  # a registered environment (stepopsd/envs/<name>/spec.py)
+    corpus: str | None = None  # the environment's corpus, if it has one (Search-QA: the one the demonstrations search)
     architecture: dict = field(default_factory=dict)  # tiny_qwen3_config overrides
     vocab_size: int = 4096
     epochs: int = 3
@@ -54,8 +54,9 @@ class TinySFTConfig:
     chat_template_kwargs: dict = field(default_factory=dict)  # extra apply_chat_template arguments
 
     def __post_init__(self):
-        if self.env not in ("alfworld", "search") or (self.env == "search" and not self.corpus):
-            raise ValueError(f"sft: env={self.env!r} must be alfworld or search (search needs a corpus)")
+        if self.env not in env_names():
+            raise ValueError(f"sft: env={self.env!r} must be {' or '.join(env_names())}")
+        get_env(self.env).check_demonstrations(self)  # e.g. Search-QA needs a corpus
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.max_tokens < 32 or self.episodes_per_game < 1:
             raise ValueError("sft: need epochs >= 1, batch_size >= 1, lr > 0, max_tokens >= 32 and episodes_per_game >= 1")
         if not (0.0 <= self.demo_epsilon < 1.0 and 0.0 <= self.demo_repeat < 1.0):
@@ -136,32 +137,10 @@ def train_sft(model, examples: list[tuple[list[int], int]], cfg: TinySFTConfig, 
 
 
 def demonstrations(cfg: TinySFTConfig, path: str, workers: int | None, log) -> tuple[list[dict], list[str], str]:
-    """(SFT records, extra tokenizer texts, data label): expert steps from the training tasks,
-    played in the real environment, written to `path` as JSONL."""
-    if cfg.env == "search":
-        from stepopsd.envs.search.corpus import read_corpus
-        from stepopsd.envs.search.data import load_questions
-        from stepopsd.envs.search.demos import format_response, search_demos
-        from stepopsd.envs.search.retrieval import BM25Retriever
-
-        tasks = load_questions(cfg.data, "train", list(cfg.task_types))
-        label = "+".join(sorted({t.data_label for t in tasks}))
-        log(f"[{label} questions] building the tiny policy: demonstrations from {len(tasks)} questions, tokenizer, SFT")
-        records = search_demos(tasks, BM25Retriever(cfg.corpus), compact=cfg.compact, history_length=cfg.history_length)
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        texts = [p.contents for p in read_corpus(cfg.corpus)]
-        peer = format_response("i need the town.", "<search> kezvo town </search>")
-    else:
-        tasks = load_tasks(cfg.data, "train", list(cfg.task_types))
-        label = "+".join(sorted({t.data_label for t in tasks}))
-        log(f"[{label} games] building the tiny policy: demonstrations from {len(tasks)} games x {cfg.episodes_per_game} "
-            f"episodes, tokenizer, SFT")
-        export_demos(tasks * cfg.episodes_per_game, path, DemoOptions(
-            epsilon=cfg.demo_epsilon, repeat=cfg.demo_repeat, seed=cfg.seed, compact=cfg.compact, history_length=cfg.history_length), workers)
-        with open(path) as f:
-            records = [json.loads(line) for line in f]
-        texts, peer = [], "1. go to countertop 1\n2. take apple 1 from countertop 1"
+    """(SFT records, extra tokenizer texts, data label): expert steps from the training tasks, played in the
+    real environment (its spec's `demonstrations`), written to `path` as JSONL; the texts end with the two
+    kinds of hindsight block, so that the tokenizer knows their words."""
+    records, texts, peer, label = get_env(cfg.env).demonstrations(cfg, path, workers, log)
     return records, texts + [hindsight_text(True), hindsight_text(False, peer)], label
 
 

@@ -9,7 +9,6 @@ the FIRST split, `val/valid_seen/success` in the ALFWorld paper configs).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -29,10 +28,8 @@ from stepopsd.checkpoints import (AtomicCheckpointIO, CheckpointError, check_com
                                   read_checkpoint, remove_torn, steps_done, trim_metrics)
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.errors import UserError
-from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
+from stepopsd.envs.registry import EnvSpec, get_env
 from stepopsd.estimators import Estimator, Services, build_estimator
-from stepopsd.envs.alfworld.tasks import SPLITS, resolve_task_types
-from stepopsd.hindsight import alfworld_peer_lines
 from stepopsd.launch import launch, rank_zero_first, sharded, trainer_kwargs, world_size_mismatch
 from stepopsd.memory import check_memory
 from stepopsd.module import GRPOModule, PPOConfig
@@ -76,17 +73,11 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, Estimator, RolloutConfig]:
     e = cfg.env
     if e.max_steps < 1 or e.history_length < 0:
         raise ConfigError(f"env.max_steps={e.max_steps}, env.history_length={e.history_length}: need >= 1 and >= 0")
-    if e.name == "search" and (e.topk < 1 or e.invalid_penalty < 0):
-        raise ConfigError(f"env.topk={e.topk}, env.invalid_penalty={e.invalid_penalty}: need topk >= 1 and a penalty >= 0")
-    if e.name == "search" and not e.retriever.start_server and not e.retriever.url:
-        raise ConfigError("env.retriever.url is empty: point it at a Search-R1 retriever or set env.retriever.start_server=true")
+    spec = env_spec(cfg)  # the registered environment (an unknown env.name: one line listing the registered)
+    env_check(spec.check, cfg)  # its own knobs (Search-QA: topk, penalty, retriever)
     check_splits(cfg, cfg.data.val_splits, "data.val_splits")
-    if cfg.env.name != "search":
-        for key in ("task_types", "val_task_types"):
-            try:
-                resolve_task_types(cfg.data[key])
-            except ValueError as err:
-                raise ConfigError(f"data.{key}: {err}") from None
+    for key in ("task_types", "val_task_types"):  # ALFWorld: task type names
+        env_check(spec.check_task_types, cfg.data[key], f"data.{key}")
     if cfg.optimized_last_k < 1:
         raise ConfigError(f"optimized_last_k={cfg.optimized_last_k}: the objective is the mean of the last K >= 1 validations")
     if cfg.val_tasks is not None and cfg.val_tasks < 1:
@@ -336,83 +327,51 @@ def check_launch(cfg: DictConfig) -> None:
                           "or launch one multi-GPU job per trial (experiments/launch/README.md)")
 
 
+def env_spec(cfg: DictConfig) -> EnvSpec:
+    """The registered environment `env.name` picks (stepopsd/envs/<name>/spec.py); ConfigError (one line) otherwise."""
+    try:
+        return get_env(cfg.env.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def env_check(check, *args) -> None:
+    """Run one of the environment spec's checks; its ValueError becomes a ConfigError (one line)."""
+    try:
+        check(*args)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_splits(cfg: DictConfig, splits, key: str) -> None:
-    """Split names (one-line errors): ALFWorld's folders under json_2.1.1/, Search-QA's parquet file names."""
+    """Split names (one-line errors): distinct, and known to the environment (ALFWorld's folders under
+    json_2.1.1/; Search-QA's parquet file names are found when loaded)."""
     splits = [splits] if isinstance(splits, str) else list(splits or [])
     if not splits or len(set(splits)) != len(splits):
         raise ConfigError(f"{key}={splits}: name one or more distinct splits")
-    if cfg.env.name != "search" and (bad := [s for s in splits if s not in SPLITS]):
-        raise ConfigError(f"{key}: unknown ALFWorld split {bad[0]!r}: use {', '.join(SPLITS)}")
+    env_check(env_spec(cfg).check_splits, splits, key)
 
 
 def prepare_data(cfg: DictConfig) -> str:
     """The data folder; generated into `data.path` first when the config asks for it and it is missing."""
-    path, gen = cfg.data.path, cfg.data.generate
-    if cfg.env.name == "search":
-        if gen is not None and path and not os.path.isfile(os.path.join(path, f"{cfg.data.train_split}.parquet")):
-            from stepopsd.envs.search.generate import make_qa
-
-            print(f"[generated questions] writing a Search-QA corpus and questions to {path} (seed {gen.seed})")
-            print(make_qa(path, gen.seed, num_entities=gen.entities, train_questions=gen.train,
-                          test_questions=gen.test).table())
-        return path
-    if gen is not None and path and not os.path.isdir(os.path.join(path, "json_2.1.1", cfg.data.train_split)):
-        from stepopsd.envs.alfworld.generate import make_games
-
-        print(f"[generated games] writing ALFWorld-format games to {path} (seed {gen.seed})")
-        report = make_games(path, gen.seed, train_per_type=gen.train_per_type, valid_per_type=gen.valid_per_type,
-                            task_types=list(cfg.data.task_types))
-        print(report.table())
-    return path
+    return env_spec(cfg).prepare_data(cfg)
 
 
 def load_split(cfg: DictConfig, data: str, split: str, types, limit: int | None = None) -> list[Task]:
     """Tasks of one split: ALFWorld games of the given task types, or Search-QA questions of the given data sources."""
-    if cfg.env.name == "search":
-        from stepopsd.envs.search.data import load_questions
-
-        return load_questions(data, split, list(types), limit=limit)
-    return load_tasks(data, split, list(types), limit=limit)
-
-
-def corpus_path(cfg: DictConfig, data: str) -> str | None:
-    """Search-QA: the wiki-18-format corpus a local retriever serves (default: the data folder's corpus.jsonl)."""
-    if cfg.env.name != "search":
-        return None
-    return cfg.env.retriever.corpus or os.path.join(data, "corpus.jsonl")
+    return env_spec(cfg).load_split(cfg, data, split, types, limit=limit)
 
 
 def check_services(cfg: DictConfig, data: str) -> None:
-    """Search-QA: the inputs of retrieval, checked before the policy is built (minutes for the tiny one)."""
-    if cfg.env.name != "search":
-        return
-    if cfg.env.retriever.start_server:
-        from stepopsd.envs.search.corpus import check_corpus
-
-        check_corpus(corpus_path(cfg, data))
-    else:  # one small real request: a wrong URL or a server of another API is one line now, not after the policy
-        from stepopsd.envs.search.retrieval import check_retriever
-
-        check_retriever(cfg.env.retriever.url, timeout=cfg.env.retriever.timeout)
+    """The inputs of the environment's services (Search-QA: the corpus or the retriever's URL), checked before
+    the policy is built (minutes for the tiny one)."""
+    env_spec(cfg).check_services(cfg, data)
 
 
-@contextlib.contextmanager
 def retrieval_service(cfg: DictConfig, data: str):
-    """Search-QA: the retriever for the run, its URL or, when `env.retriever.start_server` says so, a
-    `stepopsd-retriever` (BM25) it starts on the corpus, restarts if its process dies, and stops at the end;
-    None for ALFWorld."""
-    if cfg.env.name != "search":
-        yield None
-        return
-    r = cfg.env.retriever
-    if not r.start_server:
-        yield r.url
-        return
-    from stepopsd.envs.search.retrieval import LocalRetrieverServer
-
-    with LocalRetrieverServer(corpus_path(cfg, data)) as server:
-        print(f"[retriever] BM25 server on {corpus_path(cfg, data)} at {server.url}")
-        yield server
+    """A context manager: the environment's services for the run (Search-QA: the retriever's URL, or a run-owned
+    `stepopsd-retriever` started and stopped with the run); yields what `env_factory` takes (None for ALFWorld)."""
+    return env_spec(cfg).services(cfg, data)
 
 
 def build_policy(cfg: DictConfig, data: str, tasks: list[Task] = ()):
@@ -421,7 +380,7 @@ def build_policy(cfg: DictConfig, data: str, tasks: list[Task] = ()):
     tokenizer trained on `tasks`' text (or the `model.tokenizer` folder)."""
     m = cfg.model
     if m.kind == "tiny":
-        sft = TinySFTConfig(data=data, env=cfg.env.name, corpus=corpus_path(cfg, data),
+        sft = TinySFTConfig(data=data, env=cfg.env.name, corpus=env_spec(cfg).corpus(cfg, data),
                             architecture=OmegaConf.to_container(m.architecture), vocab_size=m.vocab_size,
                             task_types=tuple(cfg.data.task_types),
                             compact=cfg.env.compact, history_length=cfg.env.history_length,
@@ -444,26 +403,12 @@ def build_policy(cfg: DictConfig, data: str, tasks: list[Task] = ()):
 def env_factory(cfg: DictConfig, retriever=None):
     """A no-argument callable building the configured environment (in each process that needs one); Search-QA
     takes the retriever of `retrieval_service` (a URL, or the run's own server, whose clients restart it)."""
-    e = cfg.env
-    if e.name == "search":
-        from stepopsd.envs.search.env import SearchEnv
-        from stepopsd.envs.search.retrieval import LocalRetrieverServer, RetrieverClient
-
-        kw = dict(timeout=e.retriever.timeout, retries=e.retriever.retries)
-        client = retriever.client(**kw) if isinstance(retriever, LocalRetrieverServer) else RetrieverClient(retriever, **kw)
-        return functools.partial(SearchEnv, client, max_steps=e.max_steps, history_length=e.history_length, topk=e.topk,
-                                 compact=e.compact, require_think=e.require_think, invalid_penalty=e.invalid_penalty)
-    return functools.partial(AlfWorldEnv, e.num_workers, max_steps=e.max_steps, step_timeout=e.step_timeout,
-                             require_think=e.require_think, history_length=e.history_length, compact=e.compact)
+    return env_spec(cfg).env_factory(cfg, retriever)
 
 
 def peer_lines(cfg: DictConfig):
     """The environment's hindsight peer serialisation (spec §6)."""
-    if cfg.env.name == "search":
-        from stepopsd.envs.search.protocol import peer_lines as search_peer_lines
-
-        return search_peer_lines
-    return alfworld_peer_lines
+    return env_spec(cfg).peer_lines
 
 
 def train(cfg: DictConfig) -> float:

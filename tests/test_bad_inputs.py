@@ -192,7 +192,7 @@ def test_at_least_twenty_distinct_cases():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["experiment=nope"], "Could not find 'experiment/nope'; Available options in 'experiment': alfworld_all,"),
+    (["experiment=nope"], "Could not find 'experiment/nope'; Available options in 'experiment': alfworld, alfworld_all,"),
     (["experiment=alfworld_heat", "algorithm=ppo"],  # every config in conf/algorithm/ (one per registered estimator)
      "Available options in 'algorithm': " + ", ".join(sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "algorithm"))))),
     (["experiment=alfworld_heat", "algorithm.ppo.lrr=1"], "Could not override 'algorithm.ppo.lrr'"),

@@ -140,3 +140,9 @@ def render_prompt(
         "actions and write it inside <action> </action> tags."
     )
     return head + body + "\n" + tail
+
+
+def peer_lines(trajectory) -> list[str]:
+    """Hindsight peer serialisation for ALFWorld (spec §6): the peer's valid actions, numbered by step,
+    observations dropped. `trajectory` is a `stepopsd.types.Trajectory`."""
+    return [f"{k + 1}. {s.transition.action}" for k, s in enumerate(trajectory.steps) if s.transition.valid]

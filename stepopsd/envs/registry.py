@@ -1,0 +1,118 @@
+"""The environment registry: `env=<name>` (the config's `env.name`) picks a registered `EnvSpec`.
+
+An `EnvSpec` holds everything a run needs to know about one environment, so that nothing outside `envs/`
+branches on the environment's name: its config checks, its data (generated when asked, then loaded split by
+split), the services it needs for the run (Search-QA's retriever), the factory of the environment itself, how a
+peer trajectory is written into a hindsight block, and the expert demonstrations the tiny policy is warm-started
+on. Each environment registers its spec in `stepopsd/envs/<name>/spec.py`, found by itself (`_discover`):
+
+    @register_env("search")
+    class SearchSpec(EnvSpec): ...
+
+`get_env` of an unknown name raises `UnknownEnvError`, one line listing the registered names. Specs receive the
+run config (an OmegaConf node) and return plain values; this package knows nothing of learning. Checks raise
+ValueError with one line that the caller turns into its own error type.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import pkgutil
+from typing import Any, Callable, Iterator
+
+from stepopsd.errors import UserError
+from stepopsd.types import Task, Trajectory
+
+
+class UnknownEnvError(UserError, ValueError):
+    """`env.name` names no registered environment: one line listing the registered ones."""
+
+
+class EnvSpec:
+    """One environment, as a run uses it (no-op defaults for the optional parts). `name` is set by `register_env`."""
+
+    name: str = ""
+
+    def check(self, cfg) -> None:
+        """The environment's own knobs (`cfg.env`), before any work: ValueError, one line."""
+
+    def check_splits(self, splits: list[str], key: str) -> None:
+        """Split names of config key `key` (already non-empty and distinct): ValueError, one line."""
+
+    def check_task_types(self, types, key: str) -> None:
+        """Task types (or data sources) of config key `key`: ValueError, one line."""
+
+    def prepare_data(self, cfg) -> str:
+        """The data folder (`data.path`), generated into first when `data.generate` asks for it and it is missing."""
+        return cfg.data.path
+
+    def load_split(self, cfg, data: str, split: str, types, limit: int | None = None) -> list[Task]:
+        """The tasks of one split of `data` restricted to `types` (at most `limit`)."""
+        raise NotImplementedError
+
+    def corpus(self, cfg, data: str) -> str | None:
+        """A text corpus the environment reads besides its tasks (Search-QA's retrieval corpus), or None."""
+        return None
+
+    def check_services(self, cfg, data: str) -> None:
+        """The inputs of the run's services, checked before the policy is built (one-line errors)."""
+
+    @contextlib.contextmanager
+    def services(self, cfg, data: str) -> Iterator[Any]:
+        """The services the environment needs while the run lasts; yields what `env_factory` takes (None here)."""
+        yield None
+
+    def env_factory(self, cfg, service: Any = None) -> Callable[[], Any]:
+        """A no-argument callable building the configured environment (in each process that needs one)."""
+        raise NotImplementedError
+
+    def peer_lines(self, peer: Trajectory) -> list[str]:
+        """A successful peer trajectory as the lines of a hindsight block (spec §6)."""
+        raise NotImplementedError
+
+    def check_demonstrations(self, sft) -> None:
+        """The tiny policy's SFT config (`stepopsd.sft.TinySFTConfig`) for this environment: ValueError, one line."""
+
+    def demonstrations(self, sft, path: str, workers: int | None, log) -> tuple[list[dict], list[str], str, str]:
+        """Expert demonstrations from the training tasks of `sft.data`, for the tiny policy's SFT, written to `path`
+        (JSONL): (records of {"prompt", "response"}, extra tokenizer texts, an example peer block, data label)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, EnvSpec] = {}
+
+
+def register_env(name: str):
+    """Class decorator: register an `EnvSpec` subclass (one instance of it) under `name`, the `env.name` that picks it."""
+    def add(cls: type[EnvSpec]) -> type[EnvSpec]:
+        old = _REGISTRY.get(name)
+        if old is not None and type(old) is not cls:
+            raise ValueError(f"an environment named {name!r} is already registered ({type(old).__module__})")
+        cls.name = name
+        _REGISTRY[name] = cls()
+        return cls
+    return add
+
+
+def _discover() -> None:
+    """Import the `spec` module of every environment package under stepopsd/envs/, so that each registers itself."""
+    package = importlib.import_module("stepopsd.envs")
+    for info in pkgutil.iter_modules(package.__path__):
+        module = f"stepopsd.envs.{info.name}.spec"
+        if info.ispkg and importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+def env_names() -> list[str]:
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_env(name: str) -> EnvSpec:
+    """The registered environment `name`; `UnknownEnvError` (one line) for any other."""
+    names = env_names()
+    if name not in _REGISTRY:
+        raise UnknownEnvError(f"env.name={name}: no environment of that name; registered: {', '.join(names)} "
+                              "(stepopsd/envs/<name>/spec.py)")
+    return _REGISTRY[name]
