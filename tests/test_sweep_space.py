@@ -20,6 +20,19 @@ from hydra_plugins.stepopsd_optuna.optuna_sweeper import (OptunaSweeper, SweepEr
                                                           grid_points, job_error, range_distribution)
 
 
+@pytest.fixture(autouse=True)
+def _current_sweeper_module():
+    """Hydra's plugin scan (once per process, at its first use) re-executes every hydra_plugins module in place,
+    making new classes: scan first, then bind this file's names to the module as it is now (names imported before a
+    scan are stale: pytest.raises(SweepError) would not catch the new class)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()
+    for name in ("OptunaSweeper", "SweepError", "distribution", "done_trials", "grid_points", "job_error",
+                 "range_distribution"):
+        globals()[name] = getattr(optuna_sweeper, name)
+
+
 def spec(text: str):
     """The parsed value of `key=<text>`, as the sweeper gets it from Hydra."""
     return OverridesParser.create().parse_overrides([f"k={text}"])[0].value()

@@ -4,7 +4,7 @@ An `EnvSpec` holds everything a run needs to know about one environment, so that
 branches on the environment's name: its config checks, its data (generated when asked, then loaded split by
 split), the services it needs for the run (Search-QA's retriever), the factory of the environment itself, how a
 peer trajectory is written into a hindsight block, and the expert demonstrations the tiny policy is warm-started
-on. Each environment registers its spec in `stepopsd/envs/<name>/spec.py`, found by itself (`_discover`):
+on. Each environment registers its spec in `stepopsd/envs/<name>/spec.py`, found by itself (`package_modules`):
 
     @register_env("search")
     class SearchSpec(EnvSpec): ...
@@ -16,12 +16,10 @@ ValueError with one line that the caller turns into its own error type.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import pkgutil
 from typing import Any, Callable, Iterator
 
 from stepopsd.errors import UserError
+from stepopsd.registry import Registry, package_modules
 from stepopsd.types import Task, Trajectory
 
 
@@ -80,39 +78,22 @@ class EnvSpec:
         raise NotImplementedError
 
 
-_REGISTRY: dict[str, EnvSpec] = {}
+_ENVS: Registry[EnvSpec] = Registry("environment", "env.name", UnknownEnvError, "stepopsd/envs/<name>/spec.py",
+                                    discover=package_modules("stepopsd.envs", "spec"), origin=type)
 
 
 def register_env(name: str):
     """Class decorator: register an `EnvSpec` subclass (one instance of it) under `name`, the `env.name` that picks it."""
-    def add(cls: type[EnvSpec]) -> type[EnvSpec]:
-        old = _REGISTRY.get(name)
-        if old is not None and type(old) is not cls:
-            raise ValueError(f"an environment named {name!r} is already registered ({type(old).__module__})")
+    def instance(cls: type[EnvSpec], old) -> EnvSpec:
         cls.name = name
-        _REGISTRY[name] = cls()
-        return cls
-    return add
-
-
-def _discover() -> None:
-    """Import the `spec` module of every environment package under stepopsd/envs/, so that each registers itself."""
-    package = importlib.import_module("stepopsd.envs")
-    for info in pkgutil.iter_modules(package.__path__):
-        module = f"stepopsd.envs.{info.name}.spec"
-        if info.ispkg and importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+        return cls()
+    return _ENVS.register(name, instance)
 
 
 def env_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    return _ENVS.names()
 
 
 def get_env(name: str) -> EnvSpec:
     """The registered environment `name`; `UnknownEnvError` (one line) for any other."""
-    names = env_names()
-    if name not in _REGISTRY:
-        raise UnknownEnvError(f"env.name={name}: no environment of that name; registered: {', '.join(names)} "
-                              "(stepopsd/envs/<name>/spec.py)")
-    return _REGISTRY[name]
+    return _ENVS.get(name)

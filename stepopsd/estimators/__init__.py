@@ -11,7 +11,7 @@ the loss mask), optionally the per-trajectory values [M], and its metrics.
     class RLOO(Estimator):
         def advantages(self, batch, ctx): ...
 
-A module in this package that registers an estimator is found by itself (`_discover`): adding one is a module,
+A module in this package that registers an estimator is found by itself (`package_modules`): adding one is a module,
 a conf/algorithm/<name>.yaml whose `name` is the registered name, and a test. The training step calls the
 configured estimator at one stage (`stepopsd.callbacks.advantages.AdvantageStage`), before the PPO update.
 Estimators may keep state (StepOPSD: the stale teacher and its clock): `setup` is called once with the policy and
@@ -23,8 +23,6 @@ the run's `Services`, `state_dict` / `load_state_dict` go into checkpoints. One 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping
 
@@ -32,6 +30,7 @@ import torch
 
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.errors import UserError
+from stepopsd.registry import Registry, package_modules
 
 
 @dataclass(frozen=True)
@@ -91,39 +90,26 @@ class UnknownEstimatorError(UserError, ValueError):
     """`algorithm=<name>` names no registered estimator: one line listing the registered ones."""
 
 
-_REGISTRY: dict[str, type[Estimator]] = {}
+_ESTIMATORS: Registry[type[Estimator]] = Registry("advantage estimator", "algorithm", UnknownEstimatorError,
+                                                  "stepopsd/estimators/", discover=package_modules(__name__))
 
 
 def register_estimator(name: str):
     """Class decorator: register an `Estimator` subclass under `name` (the `algorithm.name` that picks it)."""
-    def add(cls: type[Estimator]) -> type[Estimator]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"an advantage estimator named {name!r} is already registered ({_REGISTRY[name].__module__})")
-        _REGISTRY[name] = cls
+    def named(cls: type[Estimator], old) -> type[Estimator]:
         cls.name = name
         return cls
-    return add
-
-
-def _discover() -> None:
-    """Import every module of this package once, so that each registers what it holds."""
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    return _ESTIMATORS.register(name, named)
 
 
 def estimator_names() -> list[str]:
-    _discover()
-    return sorted(_REGISTRY)
+    return _ESTIMATORS.names()
 
 
 def build_estimator(algorithm: Mapping) -> Estimator:
     """The estimator `algorithm["name"]` picks, built from the `algorithm` node (a dict); `UnknownEstimatorError`
     (one line) for an unregistered name, ValueError for a bad knob."""
-    name = algorithm.get("name")
-    if name not in estimator_names():
-        raise UnknownEstimatorError(f"algorithm={name}: no advantage estimator of that name; registered: "
-                                    f"{', '.join(estimator_names())} (stepopsd/estimators/)")
-    return _REGISTRY[name].from_config(algorithm)
+    return _ESTIMATORS.get(algorithm.get("name")).from_config(algorithm)
 
 
 def per_token(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:

@@ -15,11 +15,11 @@ listing the registered names.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from stepopsd.errors import UserError
+from stepopsd.registry import Registry, modules
 
 Options = Callable[[Any], dict]  # the run config -> the factory's keyword arguments
 BUILTIN = ("stepopsd.policy.backends.hf", "stepopsd.policy.backends.vllm")  # register on import (no vLLM import)
@@ -43,19 +43,18 @@ class BackendEntry:
         return self.factory(model, tokenizer, **kwargs)
 
 
-_REGISTRY: dict[str, BackendEntry] = {}
+_REGISTRY: dict[str, BackendEntry] = {}  # a module attribute, so that a test may register into a copy
+_BACKENDS: Registry[BackendEntry] = Registry(
+    "generation backend", "rollout.backend", UnknownBackendError, "stepopsd/policy/backends/", listing="choose one of",
+    discover=modules(*BUILTIN), origin=lambda entry: entry.factory, store=lambda: _REGISTRY)
 
 
 def register_backend(name: str, *, options: Options | None = None):
     """Decorator: register a backend factory (a class or a function) under `name`."""
-    def add(factory):
-        old = _REGISTRY.get(name)
-        if old is not None and old.factory is not factory:
-            raise ValueError(f"a generation backend named {name!r} is already registered ({old.factory.__module__})")
-        _REGISTRY[name] = BackendEntry(name, factory, options if options is not None else
-                                       (old.options if old is not None else None))
-        return factory
-    return add
+    def entry(factory, old: BackendEntry | None) -> BackendEntry:
+        keep = old.options if old is not None else None
+        return BackendEntry(name, factory, options if options is not None else keep)
+    return _BACKENDS.register(name, entry)
 
 
 def set_backend_options(name: str, options: Options) -> None:
@@ -64,20 +63,10 @@ def set_backend_options(name: str, options: Options) -> None:
     _REGISTRY[name] = BackendEntry(entry.name, entry.factory, options)
 
 
-def _load_builtin() -> None:
-    for module in BUILTIN:
-        importlib.import_module(module)
-
-
 def backend_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return _BACKENDS.names()
 
 
 def get_backend(name: str) -> BackendEntry:
     """The registered backend `name`; `UnknownBackendError` (one line) for any other."""
-    names = backend_names()
-    if name not in _REGISTRY:
-        raise UnknownBackendError(f"rollout.backend={name}: no generation backend of that name; choose one of "
-                                  f"{', '.join(names)} (stepopsd/policy/backends/)")
-    return _REGISTRY[name]
+    return _BACKENDS.get(name)
