@@ -1,6 +1,6 @@
 """Build (or find in the cache) the SFT-warm-started tiny policy: python sft.py [machine=cpu] [model.sft.epochs=...]"""
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import stepopsd.launch  # noqa: F401  registers ${stepopsd.run_stamp:...} (conf/hydra/default.yaml)
 
@@ -8,7 +8,7 @@ import stepopsd.launch  # noqa: F401  registers ${stepopsd.run_stamp:...} (conf/
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from stepopsd.errors import UserError, main_guard
-    from stepopsd.train import build_policy, prepare_data
+    from stepopsd.build import build_policy, prepare_data
 
     with main_guard("sft.py"):  # a user error: one line (stepopsd/errors.py)
         if cfg.model.kind != "tiny":

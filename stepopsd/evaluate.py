@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 
 from stepopsd.policy.loading import load_policy
 from stepopsd.rollout import rollout
-from stepopsd.train import (ConfigError, backend_factory, build_policy, check_config, check_services, check_splits,
-                            env_factory, load_split, prepare_data, retrieval_service)
+from stepopsd.build import (backend_factory, build_policy, check_services, env_factory, load_split, prepare_data,
+                            retrieval_service)
+from stepopsd.config import ConfigError, check_config, check_splits
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -46,7 +46,7 @@ def test_an_unknown_backend_is_one_line_listing_the_registered_ones():
 
 def test_a_registered_backend_is_built_with_its_options(toy_registered):
     toy, built = toy_registered
-    from stepopsd.train import backend_factory
+    from stepopsd.build import backend_factory
 
     assert "toy" in backend_names()
     cfg = OmegaConf.create({"seed": 0, "rollout": {"backend": "toy", "toy_width": 3}})
@@ -64,7 +64,7 @@ def test_a_name_cannot_be_taken_twice(toy_registered):
 
 
 def test_hf_is_built_with_the_configured_batch_size():
-    from stepopsd.train import backend_factory
+    from stepopsd.build import backend_factory
 
     cfg = OmegaConf.create({"seed": 0, "rollout": {"backend": "hf", "generate_batch_size": 7}})
     factory = backend_factory(cfg)

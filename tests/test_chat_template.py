@@ -17,7 +17,7 @@ from stepopsd.policy.backends.base import Generation
 from stepopsd.policy.tokenizer import train_word_tokenizer
 from stepopsd.rollout import RolloutConfig, encode_prompt, rollout
 from stepopsd.sft import TinySFTConfig, sft_examples
-from stepopsd.train import check_config
+from stepopsd.config import check_config
 from stepopsd.types import EnvState, Task, Transition
 
 THINKING_TEMPLATE = (

@@ -5,7 +5,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from stepopsd.train import ConfigError, check_config
+from stepopsd.config import ConfigError, check_config
 
 from helpers.configs import CONF, cfg_of
 

@@ -45,7 +45,7 @@ def test_a_second_spec_under_a_taken_name_is_refused():
 
 
 def test_unknown_env_name_in_a_run_config_is_a_config_error():
-    from stepopsd.train import ConfigError, env_spec
+    from stepopsd.config import ConfigError, env_spec
 
     with pytest.raises(ConfigError, match="registered: alfworld, search"):
         env_spec(OmegaConf.create({"env": {"name": "gridworld"}}))

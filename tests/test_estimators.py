@@ -16,7 +16,7 @@ from stepopsd.callbacks.advantages import AdvantageStage
 from stepopsd.checkpoints import checkpoint_estimator
 from stepopsd.estimators import (Context, Estimator, Services, UnknownEstimatorError, build_estimator, estimator_names,
                                  register_estimator)
-from stepopsd.train import ConfigError, check_config
+from stepopsd.config import ConfigError, check_config
 
 from helpers.batches import batch_of
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from stepopsd.train import ConfigError, check_config
+from stepopsd.config import ConfigError, check_config
 
 from helpers.configs import cfg_of
 

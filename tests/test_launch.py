@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from stepopsd.launch import trainer_kwargs
-from stepopsd.train import ConfigError, check_config
+from stepopsd.config import ConfigError, check_config
 
 from helpers.configs import heat_cpu_cfg
 from helpers.runs import tiny_overrides

@@ -160,7 +160,7 @@ def test_setup_console_drops_lightnings_own_console_handlers_only_under_a_config
 def test_the_progress_bar_knob_is_checked_before_any_work():
     from helpers.configs import cfg_of
 
-    from stepopsd.train import ConfigError, check_config
+    from stepopsd.config import ConfigError, check_config
 
     assert cfg_of("experiment=alfworld_heat", "machine=cpu").callbacks.progress_bar == "auto"
     for kind in ("auto", "rich", "tqdm", "plain"):

@@ -144,7 +144,7 @@ def test_weights_sync_after_an_update(engine, policy, prompts):
 
 def test_rollout_is_cap_defaults_to_2_under_vllm_unless_set():
     from helpers.configs import heat_cpu_cfg
-    from stepopsd.train import check_config
+    from stepopsd.config import check_config
 
     assert check_config(heat_cpu_cfg("rollout.backend=vllm"))[0].rollout_is_cap == 2.0
     assert check_config(heat_cpu_cfg("rollout.backend=vllm", "algorithm.ppo.rollout_is_cap=0"))[0].rollout_is_cap == 0.0

@@ -134,7 +134,7 @@ def test_rollout_is_cap_left_null_is_off_under_hf():
     """`algorithm.ppo.rollout_is_cap` null (the default) is 0 under rollout.backend=hf and stays settable; the
     vLLM half (null -> 2.0, an explicit 0 kept) is in tests/test_vllm.py, where vLLM imports."""
     from helpers.configs import heat_cpu_cfg
-    from stepopsd.train import check_config
+    from stepopsd.config import check_config
 
     assert heat_cpu_cfg().algorithm.ppo.rollout_is_cap is None
     assert check_config(heat_cpu_cfg())[0].rollout_is_cap == 0.0

@@ -23,7 +23,7 @@ from train_step_speed import setup  # the main job's config, data and cached pol
 
 from stepopsd.policy.backends.hf import HFBackend
 from stepopsd.rollout import rollout
-from stepopsd.train import backend_factory, env_factory
+from stepopsd.build import backend_factory, env_factory
 
 
 def measure(name, backend, env, tokenizer, tasks, rollout_cfg, cfg, steps: int) -> dict:

@@ -28,7 +28,8 @@ import stepopsd
 import stepopsd.launch  # noqa: F401  registers the config's resolvers
 from stepopsd.module import GRPOModule
 from stepopsd.estimators import Context, Services
-from stepopsd.train import build_policy, check_config, env_factory, load_split, prepare_data
+from stepopsd.build import build_policy, env_factory, load_split, prepare_data
+from stepopsd.config import check_config
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(stepopsd.__file__))), "conf")
 

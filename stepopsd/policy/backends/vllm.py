@@ -37,7 +37,7 @@ instead of 6 s for the tiny test policy on 2 cores).
 
 Numerics: HF Qwen under bf16 autocast with fp32 master weights keeps the embeddings, the residual stream and
 RMSNorm in fp32, a bf16 engine does not, so its log-probs differ from the trainer's systematically (not only when
-a push is missed): `algorithm.ppo.rollout_is_cap` left null becomes 2.0 under this backend (`train.check_config`;
+a push is missed): `algorithm.ppo.rollout_is_cap` left null becomes 2.0 under this backend (`config.check_config`;
 truncated importance sampling against the trainer's recomputed pi_old), 0 turns it off explicitly.
 
 Ranks: with torch.distributed initialised over more than one process every rank owns one engine
