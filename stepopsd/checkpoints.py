@@ -191,9 +191,10 @@ class RunCSVLogger(CSVLogger):
 
 
 def checkpoint_estimator(callback_states: dict) -> str:
-    """The estimator a checkpoint's run used, from its callback states: the stage's record, else `stepopsd` for a
-    legacy TeacherRescoring state, else `grpo` (a run from before the registry without one)."""
+    """The estimator a checkpoint's run used, from its callback states: the advantage stage's record (under
+    "AdvantageStage", or StepOPSD's under the former TeacherRescoring key), else `stepopsd` for a TeacherRescoring
+    state from before the registry, else `grpo` (a run from before the registry without one)."""
     for key, state in callback_states.items():
-        if key == "AdvantageStage" and isinstance(state, dict) and "estimator" in state:
+        if key in ("AdvantageStage", LEGACY_STATE_KEY) and isinstance(state, dict) and "estimator" in state:
             return state["estimator"]
     return "stepopsd" if any(str(k).startswith(LEGACY_STATE_KEY) for k in callback_states) else "grpo"

@@ -95,12 +95,13 @@ def test_stage_state_records_its_estimator_and_loads_a_legacy_teacher_rescoring_
     stage = AdvantageStage(est)
     est.setup(torch.nn.Linear(2, 2), Services())
     legacy = {"step": 7, "teacher": {"taken_at": 4, "weights": None}}  # what TeacherRescoring saved
-    assert stage._legacy_state_key == "TeacherRescoring"  # Lightning reads the old key when the new one is absent
+    assert stage.state_key == "TeacherRescoring"  # StepOPSD's state stays under the former callback's key
+    assert AdvantageStage(build_estimator({"name": "grpo"})).state_key == "AdvantageStage"
     stage.load_state_dict(legacy)
     stage.on_train_start(None, None)
     assert est.step == 7 and est.teacher.taken_at == 4 and stage.steps == 7
     assert stage.state_dict() == {"estimator": "stepopsd", "steps": 7, "step": 7, "teacher": {"taken_at": 4, "weights": None}}
-    assert checkpoint_estimator({"AdvantageStage": stage.state_dict()}) == "stepopsd"
+    assert checkpoint_estimator({"TeacherRescoring": stage.state_dict()}) == "stepopsd"
     assert checkpoint_estimator({"AdvantageStage": {"estimator": "rloo", "steps": 2}}) == "rloo"
     assert checkpoint_estimator({"TeacherRescoring": legacy}) == "stepopsd"  # a StepOPSD run before the registry
     assert checkpoint_estimator({}) == "grpo"  # a GRPO run before the registry

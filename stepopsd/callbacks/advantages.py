@@ -4,8 +4,9 @@ On every training batch, before `training_step`, it calls `estimator.advantages(
 and writes the result into the batch (`advantages`, and `traj_adv` for outcome-level estimators): the only write
 to a batch after `build_batch`, so no other callback's position matters. The estimator's metrics are logged on
 the step (reduced across ranks). Its state (StepOPSD: the teacher snapshot and its clock) is this callback's
-checkpoint state, with the estimator's name; checkpoints of the former TeacherRescoring callback (StepOPSD runs
-before the estimator registry) load through Lightning's legacy state key.
+checkpoint state, with the estimator's name. StepOPSD's is saved under the key of the former TeacherRescoring
+callback, in the same layout, so checkpoints from before the estimator registry resume (and Lightning does not ask
+for a callback that no longer exists).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ class AdvantageStage(L.Callback):
         self._pending: dict | None = None
 
     @property
-    def _legacy_state_key(self):  # Lightning reads a callback's state under this key when its state_key is absent
-        return LEGACY_STATE_KEY
+    def state_key(self) -> str:
+        """Where Lightning keeps this callback's state in a checkpoint: StepOPSD's under the former callback's key."""
+        return LEGACY_STATE_KEY if self.estimator.name == "stepopsd" else type(self).__name__
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.estimator.setup(pl_module.policy, self.services)
