@@ -92,8 +92,8 @@ def main_guard(prog: str, *, reraise: bool = False):
     except UserError as e:
         if reraise or debug():
             raise
+        outlive_rank_zero()  # a child rank under Lightning's launcher: rank 0 prints and exits first
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        outlive_rank_zero()
         sys.exit(2)
 
 
@@ -102,7 +102,8 @@ def outlive_rank_zero(timeout: float = 60.0) -> None:
     parent of the other ranks, and its child-process observer SIGKILLs rank 0 a few seconds after any child exits
     non-zero. Every rank raises a run-stopping error in the same step (`stepopsd.ranks`), so a child rank that
     stops waits (at most `timeout` s) for its parent to exit first: rank 0 then prints its own line and exits 2
-    instead of being killed mid-teardown. Elsewhere a no-op."""
+    instead of being killed mid-teardown, and the child's line follows it (not interleaved on a shared stderr).
+    Elsewhere a no-op."""
     lightning_child = os.environ.get("LOCAL_RANK", "0") != "0" and "TORCHELASTIC_RUN_ID" not in os.environ \
         and "SLURM_PROCID" not in os.environ
     if not lightning_child:
