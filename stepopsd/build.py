@@ -22,7 +22,7 @@ from stepopsd.callbacks.preemption import Preemption
 from stepopsd.callbacks.progress import progress_bar
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation
 from stepopsd.checkpoints import AtomicCheckpointIO, check_compatible, read_checkpoint
-from stepopsd.config import ConfigError, env_spec
+from stepopsd.config import env_spec
 from stepopsd.data.datamodule import RolloutDataModule
 from stepopsd.estimators import Estimator, Services
 from stepopsd.launch import sharded, trainer_kwargs
@@ -155,5 +155,5 @@ def build_trainer(run: Run):
                         log_every_n_steps=1, num_sanity_val_steps=0, enable_model_summary=False,
                         default_root_dir=cfg.paths.output_dir,
                         plugins=[] if sharded(cfg.trainer) else [AtomicCheckpointIO()], **trainer_kwargs(cfg.trainer))
-    check_memory(cfg, run.policy, trainer, ConfigError)  # CUDA: the memory model vs the card's free memory (stepopsd/memory.py)
+    check_memory(cfg, run.policy, trainer)  # CUDA: the memory model vs the card's free memory (stepopsd/memory.py)
     return trainer, module, datamodule, validation, reporter

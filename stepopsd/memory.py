@@ -41,6 +41,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from stepopsd.errors import UserError
+
 GIB = 2 ** 30
 
 # bytes a parameter
@@ -226,9 +228,13 @@ def memory_decision(cfg, policy, free_gib: float, total_gib: float, margin: floa
     return status, f"{line} [{phases} GiB; peak in {pred.peak_phase}]", pred
 
 
-def check_memory(cfg, policy, trainer, error: type[Exception]) -> str | None:
+class MemoryFitError(UserError, RuntimeError):
+    """The predicted step does not fit the card: one line naming the knobs to change."""
+
+
+def check_memory(cfg, policy, trainer) -> str | None:
     """Before the first rollout, on CUDA only (a CUDA accelerator and a visible GPU): compare the prediction with the
-    card's free memory (`torch.cuda.mem_get_info`); "stop" raises `error` (one line), "warn" prints a warning.
+    card's free memory (`torch.cuda.mem_get_info`); "stop" raises `MemoryFitError` (one line), "warn" prints a warning.
     `STEPOPSD_MEMORY_CHECK=warn` turns a stop into a warning, `=off` skips the check. Returns the status (None: no
     check on this machine). It runs before `trainer.fit`, when no process group exists yet: each rank checks its own
     card (the ranks of one job normally hold identical cards and configs, so they decide alike); a rank that stops
@@ -246,7 +252,7 @@ def check_memory(cfg, policy, trainer, error: type[Exception]) -> str | None:
     free, total = torch.cuda.mem_get_info(device)
     status, line, _ = memory_decision(cfg, policy, free / GIB, total / GIB)
     if status == "stop" and mode != "warn":
-        raise error(f"{torch.cuda.get_device_name(device)}: {line}")
+        raise MemoryFitError(f"{torch.cuda.get_device_name(device)}: {line}")
     if status != "ok":
         print(f"[memory] warning: {line}", flush=True)
     else:

@@ -4,8 +4,8 @@ One training step = one rollout batch: `epochs` passes over random row mini-batc
 step each), each split into micro-batches (`micro_batch_rows` rows, or a token budget) whose
 gradients accumulate before the step, with every loss term normalised over the whole mini-batch so
 the gradient does not depend on the split; under DDP only the last micro-batch all-reduces. Per
-micro-batch: a forward pass, the clipped surrogate with the advantages in the batch (plain GRPO, or
-StepOPSD's after the TeacherRescoring callback reshaped them), k3 KL to a frozen reference, an entropy
+micro-batch: a forward pass, the clipped surrogate with the advantages in the batch (the configured estimator's,
+written by the AdvantageStage callback), k3 KL to a frozen reference, an entropy
 bonus and a backward pass; per mini-batch: gradient clipping and an optimizer step. Before the first update the trainer's log-probs must equal
 the rollout's (the policy has not moved): their gap is logged every step (`rollout/logp_gap_mean`, `_max`) and a
 mean gap past `logp_gap_threshold` stops the run (weights not synced, tokenisation drift). With

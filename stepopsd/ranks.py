@@ -70,6 +70,8 @@ def agreed_problem(problem: str | None) -> str | None:
     lowest such rank's text ("rank r: ..." when there are several ranks; one process: the text itself)."""
     if world_size() < 2:
         return problem
+    if not any_rank(problem is not None):  # the usual case: one scalar all-reduce, no pickled objects
+        return None
     found = [None] * world_size()
     dist.all_gather_object(found, problem)
     bad = [(r, p) for r, p in enumerate(found) if p is not None]

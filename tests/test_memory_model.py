@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from stepopsd import memory
+from stepopsd.errors import UserError
 from stepopsd.memory import GIB, StepMemory, fit_check, memory_decision, predict, step_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,11 +141,12 @@ def test_decision_on_80_and_141_gb_cards():
 
 def test_check_skipped_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert memory.check_memory(cfg_of(), None, object(), ValueError) is None
+    assert memory.check_memory(cfg_of(), None, object()) is None
 
 
-def test_check_raises_the_given_error_on_a_full_card(monkeypatch):
-    """The CUDA path with the card faked: a stop raises the caller's error class with one line; =warn only warns."""
+def test_check_stops_with_one_line_on_a_full_card(monkeypatch):
+    """The CUDA path with the card faked: a stop is a one-line user error (train.py prints it, exit 2); =warn only
+    warns."""
     from lightning.pytorch.accelerators import CUDAAccelerator
 
     cfg = cfg_of("rollout.backend=vllm")
@@ -154,13 +156,11 @@ def test_check_raises_the_given_error_on_a_full_card(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * GIB, 140 * GIB))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "fake card")
 
-    class Stop(ValueError):
-        pass
-
-    with pytest.raises(Stop, match="fake card: predicted peak GPU memory"):
-        memory.check_memory(cfg, meta_policy(cfg), trainer, Stop)
+    with pytest.raises(memory.MemoryFitError, match="fake card: predicted peak GPU memory") as e:
+        memory.check_memory(cfg, meta_policy(cfg), trainer)
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
     monkeypatch.setenv(memory.CHECK_VAR, "warn")
-    assert memory.check_memory(cfg, meta_policy(cfg), trainer, Stop) == "stop"
+    assert memory.check_memory(cfg, meta_policy(cfg), trainer) == "stop"
 
 
 def test_predict_table(capsys):

@@ -91,6 +91,9 @@ def test_rollout_records_steps_targets_and_groups(tok):
                 assert decode(tok, s.response_ids[s.target[0]:s.target[1]]) == f"<action>{action}</action>"
             assert s.response == decode(tok, s.response_ids) and len(s.rollout_logprobs) == len(s.response_ids)
             assert s.prompt_ids[-3:] == tuple(ids_of(tok, "<|im_start|>assistant\n"))  # chat-wrapped
+        # each step keeps the observation it acted on (the state key of step-level estimators): the reset's, then
+        # the previous step's
+        assert [s.observation for s in t.steps] == [OBS[0]] + [s.transition.state.observation for s in t.steps[:-1]]
     hindsight_ids = {tok.convert_tokens_to_ids(t) for t in ("<hindsight>", "<peer_correct_trajectory>")}
     assert not any(hindsight_ids & set(p) for p in backend.prompts)  # nothing of h_i reaches the rollout
     batch, metrics = build_batch(trajs, pad_id=tok.pad_token_id)

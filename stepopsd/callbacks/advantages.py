@@ -23,7 +23,7 @@ class AdvantageStage(L.Callback):
     def __init__(self, estimator: Estimator, services: Services | None = None):
         self.estimator = estimator
         self.services = services or Services()
-        self.steps = 0  # training steps seen (the estimators' t)
+        self.step = 0  # training steps done (the estimators' t, the clock of StepOPSD's lambda and teacher)
         self._pending: dict | None = None
 
     @property
@@ -41,7 +41,7 @@ class AdvantageStage(L.Callback):
             self._pending = None
 
     def on_train_batch_start(self, trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
-        ctx = Context(step=self.steps, policy=pl_module.policy, device=pl_module.device,
+        ctx = Context(step=self.step, policy=pl_module.policy, device=pl_module.device,
                       compute=trainer.precision_plugin.forward_context,
                       full_weights=getattr(pl_module, "full_weights", contextlib.nullcontext))
         out = self.estimator.advantages(batch, ctx)
@@ -50,14 +50,15 @@ class AdvantageStage(L.Callback):
             batch.traj_adv = out.trajectories
         if out.metrics:
             pl_module.log_dict(out.metrics, on_step=True, sync_dist=True, batch_size=batch.num_rows)
-        self.steps += 1
+        self.step += 1
 
     def state_dict(self) -> dict:
-        return {"estimator": self.estimator.name, "steps": self.steps, **self.estimator.state_dict()}
+        """{estimator, step, the estimator's state}: for StepOPSD the layout TeacherRescoring saved plus the name."""
+        return {"estimator": self.estimator.name, "step": self.step, **self.estimator.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         state = dict(state_dict)
         state.pop("estimator", None)  # absent in a legacy TeacherRescoring state (always StepOPSD's)
-        self.steps = state.pop("steps", state.get("step", 0))
+        self.step = state.pop("step", 0)
         self._pending = state
 

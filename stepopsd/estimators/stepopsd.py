@@ -2,9 +2,8 @@
 by the hindsight teacher (spec §6-10, Eq. 2-12; the math in `stepopsd.algorithms.stepopsd`, the teacher passes
 in `stepopsd.teacher.rescore`).
 
-State: the stale teacher snapshot (refreshed every `teacher_refresh` training steps, or the live policy with 0)
-and its clock, the training steps seen (t of Eq. 9); both go into checkpoints (`state_dict`, the same layout the
-former TeacherRescoring callback saved, so its checkpoints still resume). With lambda_t = 0 the base advantages
+State: the stale teacher snapshot (refreshed every `teacher_refresh` training steps, or the live policy with 0),
+saved with checkpoints; its clock is the training step the advantage stage passes (`ctx.step`, t of Eq. 9). With lambda_t = 0 the base advantages
 pass through untouched: exactly the base estimator. A batch whose rescoring fails (a hindsight context longer than
 the teacher allows, out of memory) trains on the base advantages, with a warning, counted in
 `stepopsd/rescoring_failed`; under several ranks a failure on any rank makes every rank fall back for that batch
@@ -39,7 +38,6 @@ class StepOPSD(Estimator):
         self.micro_batch = micro_batch  # hindsight-context rows per teacher forward pass
         self.services = Services()
         self.teacher: TeacherSnapshot | None = None
-        self.step = 0  # training steps (rollout batches) seen: t of Eq. 9 and the N_ref clock
 
     @classmethod
     def from_config(cls, algorithm: Mapping) -> "StepOPSD":
@@ -57,8 +55,8 @@ class StepOPSD(Estimator):
 
     def advantages(self, batch: RolloutBatch, ctx: Context) -> Advantages:
         base = self.base.advantages(batch, ctx)
-        t0 = time.perf_counter()
-        refreshed = self.teacher.maybe_refresh(ctx.policy, self.step)
+        t0, step = time.perf_counter(), ctx.step  # training steps done: t of Eq. 9 and the N_ref clock
+        refreshed = self.teacher.maybe_refresh(ctx.policy, step)
         teacher = self.teacher.model.to(ctx.device)
         live = teacher is ctx.policy  # teacher_refresh=0: under FSDP the live policy's weights are gathered
         s = self.services
@@ -66,10 +64,10 @@ class StepOPSD(Estimator):
         try:
             with ctx.compute(), ctx.full_weights() if live else contextlib.nullcontext():
                 shaped, metrics = rescore(dataclasses.replace(batch, advantages=base.tokens), teacher, s.tokenizer,
-                                          self.config, self.step, pad_id=s.tokenizer.pad_token_id,
+                                          self.config, step, pad_id=s.tokenizer.pad_token_id,
                                           temperature=s.temperature, micro_batch=self.micro_batch,
                                           peer_lines=s.peer_lines or alfworld_peer_lines)
-            maybe_kill("rescore", self.step + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
+            maybe_kill("rescore", step + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
         except Exception as e:  # a context too long for the teacher, out of memory, ...: this batch keeps the base's
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         error = ranks.agreed_problem(error)  # one rank's failure: every rank's share of the batch falls back together
@@ -77,17 +75,15 @@ class StepOPSD(Estimator):
             metrics["stepopsd/rescoring_failed"] = 0.0
         else:
             log.warning("[stepopsd] teacher rescoring failed at training step %d (%s): this batch trains on "
-                        "plain %s advantages", self.step + 1, error, self.base.name.upper())
-            shaped, metrics = base.tokens, {"stepopsd/rescoring_failed": 1.0, "stepopsd/lambda": self.config.lam(self.step)}
+                        "plain %s advantages", step + 1, error, self.base.name.upper())
+            shaped, metrics = base.tokens, {"stepopsd/rescoring_failed": 1.0, "stepopsd/lambda": self.config.lam(step)}
         metrics |= {"time/rescore_s": time.perf_counter() - t0, "stepopsd/teacher_refreshed": float(refreshed),
-                    "stepopsd/teacher_age": self.step - self.teacher.taken_at}
-        self.step += 1
+                    "stepopsd/teacher_age": step - self.teacher.taken_at}
         return Advantages(shaped, base.trajectories, base.metrics | metrics)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "teacher": self.teacher.state_dict() if self.teacher else None}
+        return {"teacher": self.teacher.state_dict() if self.teacher else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
         self.teacher.load_state_dict(state["teacher"])
 
