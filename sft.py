@@ -3,6 +3,7 @@ import hydra
 from omegaconf import DictConfig
 
 import stepopsd.launch  # noqa: F401  registers ${stepopsd.run_stamp:...} (conf/hydra/default.yaml)
+import stepopsd.schemas  # noqa: F401  the typed schemas conf/ composes on (stepopsd/schemas.py)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -7,13 +7,13 @@ what it returns.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
+from stepopsd.algorithms.grpo import PPOConfig
 from stepopsd.callbacks.progress import PROGRESS_BARS
 from stepopsd.callbacks.rollouts import metric_prefix
 from stepopsd.checkpoints import CheckpointError, last_good_checkpoint, read_checkpoint, remove_torn, steps_done, trim_metrics
@@ -21,13 +21,13 @@ from stepopsd.errors import UserError
 from stepopsd.envs.registry import EnvSpec, get_env
 from stepopsd.estimators import Estimator, build_estimator
 from stepopsd.launch import launch, sharded, world_size_mismatch
-from stepopsd.module import PPOConfig
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.registry import get_backend, set_backend_options
 from stepopsd.policy.backends.vllm import VLLMConfig, check_unfiltered, import_vllm
 from stepopsd.policy.loading import DTYPES, TASK_VOCAB, is_hub_id, load_tokenizer
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.rollout import RolloutConfig
+from stepopsd.schemas import check_schemas
 from stepopsd.sft import TinySFTConfig
 from stepopsd.sweep import check_metric, metric_name
 from stepopsd.types import Task
@@ -39,6 +39,7 @@ class ConfigError(UserError, ValueError):
 
 def check_config(cfg: DictConfig) -> tuple[PPOConfig, Estimator, RolloutConfig]:
     """Validate every knob (one-line errors) and return the typed configs and the advantage estimator."""
+    check_schemas(cfg)  # keys added with `+` that no schema has (stepopsd/schemas.py; the rest is Hydra's)
     if cfg.require_gpu and not torch.cuda.is_available():
         raise ConfigError("no GPU found: add machine=cpu to run this experiment on the CPU (tiny policy, generated games)")
     check_launch(cfg)
@@ -77,10 +78,10 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, Estimator, RolloutConfig]:
     check_model(cfg)
     r = cfg.rollout
     try:
-        ppo_knobs = OmegaConf.to_container(cfg.algorithm.ppo)
+        ppo_knobs = OmegaConf.to_container(cfg.algorithm.ppo, resolve=True)  # ppo.temperature: rollout.temperature
         if ppo_knobs.get("rollout_is_cap") is None:  # null: TIS on for vLLM's systematic drift, off for hf
             ppo_knobs["rollout_is_cap"] = VLLM_ROLLOUT_IS_CAP if r.backend == "vllm" else 0.0
-        ppo = PPOConfig(**ppo_knobs, temperature=r.temperature)
+        ppo = PPOConfig(**ppo_knobs)
         sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         # the registered backend (an unknown name: one line listing the registered ones), its knobs, then whether
         # its library imports (vLLM): before any data or policy is built
@@ -89,7 +90,7 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, Estimator, RolloutConfig]:
                                     chat_template=cfg.model.chat_template,
                                     chat_template_kwargs=OmegaConf.to_container(cfg.model.chat_template_kwargs),
                                     target_mode=cfg.algorithm.stepopsd.target_span if "stepopsd" in cfg.algorithm
-                                    else "action_only")
+                                    else cfg.env.target_span)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
     return ppo, estimator, rollout_cfg
@@ -235,9 +236,6 @@ def check_model(cfg: DictConfig) -> None:
             TinySFTConfig(data="", env=cfg.env.name, corpus="-", **OmegaConf.to_container(m.sft))
         except ValueError as e:
             raise ConfigError(f"model.{e}") from None
-        except TypeError as e:  # a key TinySFTConfig does not have (added with +model.sft.<key>=...)
-            known = ", ".join(k for k in m.sft if k in {f.name for f in dataclasses.fields(TinySFTConfig)})
-            raise ConfigError(f"model.sft: {str(e).split('argument ')[-1]} is not a tiny-SFT knob; known: {known}") from None
         return
     folder = m.tokenizer if m.get("init") == "random" else m.name_or_path
     if not folder:

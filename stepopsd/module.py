@@ -34,14 +34,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import lightning as L
 import torch
 import torch.utils.checkpoint
 
 from stepopsd import ranks
-from stepopsd.algorithms.grpo import (AGGREGATIONS, aggregate, aggregation_counts, aggregation_norm,
+from stepopsd.algorithms.grpo import (PPOConfig, aggregate, aggregation_counts, aggregation_norm,
                                      entropy_from_logits, kl_k3, policy_loss, ppo_stats, truncated_is_weights)
 from stepopsd.data.batch import RolloutBatch, micro_batches
 from stepopsd.errors import RunFailed, UserError
@@ -54,45 +54,6 @@ from stepopsd.policy.sharding import ShardingConfig, full_state_dict, gathered, 
 LOGP_GAP_MEAN = "rollout/logp_gap_mean"  # metric names other code reads (experiments/gpu_checks/paper_shapes.py)
 LOGP_GAP_MAX = "rollout/logp_gap_max"
 UPDATE_PEAK_GPU_GB = "perf/update_peak_gpu_gb"
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    lr: float = 1e-6
-    warmup_steps: int = 0  # linear learning-rate warm-up over this many training steps (Search-QA: 10 %)
-    weight_decay: float = 0.0
-    epochs: int = 1
-    mini_batch_rows: int = 256  # rows per optimizer step (the protocol's unit)
-    micro_batch_rows: int = 0  # rows per forward/backward inside a mini-batch (0: the whole mini-batch)
-    micro_batch_tokens: int = 0  # and/or at most this many padded tokens per micro-batch (0: no budget)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    agg: str = "token_mean"
-    kl_coef: float = 0.01
-    entropy_coef: float = 0.001
-    max_grad_norm: float = 1.0
-    temperature: float = 1.0  # the rollout's sampling temperature: log-probs are taken at the same scale
-    logp_gap_threshold: float = 0.05  # max |trainer - rollout| log-prob (mean over tokens) before the first update
-    rollout_is_cap: float = 0.0  # truncated importance sampling rollout -> trainer (0 = off; e.g. 2.0 with vLLM)
-    max_nonfinite_updates: int = 3  # skipped non-finite updates in a row before the run stops
-
-    def __post_init__(self):
-        if self.lr <= 0 or self.epochs < 1 or self.mini_batch_rows < 1 or self.warmup_steps < 0:
-            raise ValueError("ppo: lr must be > 0, epochs >= 1, mini_batch_rows >= 1 and warmup_steps >= 0")
-        if self.micro_batch_rows < 0 or self.micro_batch_tokens < 0 or self.micro_batch_rows > self.mini_batch_rows:
-            raise ValueError(f"ppo.micro_batch_rows={self.micro_batch_rows}, micro_batch_tokens={self.micro_batch_tokens}: "
-                             f"need 0 <= micro_batch_rows <= mini_batch_rows ({self.mini_batch_rows}) and tokens >= 0 "
-                             "(0 = off)")
-        if not (0 < self.clip_low < 1 and self.clip_high > 0):
-            raise ValueError(f"ppo: need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}")
-        if self.agg not in AGGREGATIONS:
-            raise ValueError(f"ppo.agg={self.agg!r}: choose one of {', '.join(AGGREGATIONS)}")
-        if self.kl_coef < 0 or self.entropy_coef < 0 or self.max_grad_norm <= 0 or self.temperature <= 0:
-            raise ValueError("ppo: kl_coef and entropy_coef must be >= 0, max_grad_norm and temperature > 0")
-        if self.max_nonfinite_updates < 1:
-            raise ValueError(f"ppo.max_nonfinite_updates={self.max_nonfinite_updates}: need >= 1")
-        if self.rollout_is_cap != 0 and not self.rollout_is_cap >= 1:
-            raise ValueError(f"ppo.rollout_is_cap={self.rollout_is_cap}: use 0 (off) or a cap >= 1 (2.0 is usual)")
 
 
 class GRPOModule(L.LightningModule):

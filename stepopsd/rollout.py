@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 from stepopsd.algorithms.stepopsd import TARGET_SPAN_MODES
 from stepopsd.policy.backends.base import GenerationBackend, SamplingParams
+from stepopsd.policy.backends.vllm import VLLMConfig
 from stepopsd.spans import decode, token_span
 from stepopsd.types import EnvState, StepRecord, Task, Trajectory, Transition
 
@@ -31,6 +32,22 @@ class AgentEnv(Protocol):
     def prompt(self, slot: int) -> str: ...
     def target_chars(self, response: str, mode: str) -> tuple[int, int] | None: ...
     def step(self, responses: dict[int, str]) -> dict[int, Transition]: ...
+
+
+@dataclass
+class RolloutKnobs:
+    """The `rollout` config node (its schema, `stepopsd.schemas`): how rollouts are generated."""
+
+    backend: str = "hf"  # hf (transformers' generate on the trained module) | vllm (an in-process engine per rank)
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    val_temperature: float = 0.4
+    max_failed_fraction: float = 0.5  # env crashes/timeouts drop trajectories (counted); more in one batch stops the run
+    generate_batch_size: int = 64  # hf: prompts per generate call (vllm batches itself: vllm.max_num_seqs)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # rollout.backend=vllm (stepopsd/policy/backends/vllm.py)
 
 
 @dataclass(frozen=True)

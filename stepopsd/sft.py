@@ -32,22 +32,30 @@ NEWER_FIELDS = {"chat_template_kwargs": {}, "demo_repeat": 0.0}  # left out of t
 
 
 @dataclass(frozen=True)
-class TinySFTConfig:
+class TinySFTKnobs:
+    """The tiny policy's SFT knobs (`model.sft`, its schema: `stepopsd.schemas`)."""
+
+    epochs: int = 3
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_tokens: int = 768
+    demo_epsilon: float = 0.1  # random admissible detours per demo step
+    demo_repeat: float = 0.0  # ALFWorld: probability of an inadmissible repeat of the last command (recovery in the demos)
+    episodes_per_game: int = 1  # epsilon-episodes per training game (different random detours)
+    bucket_by_length: bool = False  # batches of similar lengths: faster, but each batch then holds similar steps
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class TinySFTConfig(TinySFTKnobs):
+    """What builds one tiny policy: the SFT knobs and what the run gives them (data, environment, prompt format)."""
+
     data: str  # the environment's data folder (ALFWorld: holding json_2.1.1/; Search-QA: holding train.parquet)
     env: str = "alfworld"  # a registered environment (stepopsd/envs/<name>/spec.py)
     corpus: str | None = None  # the environment's corpus, if it has one (Search-QA: the one the demonstrations search)
     architecture: dict = field(default_factory=dict)  # tiny_qwen3_config overrides
     vocab_size: int = 4096
-    epochs: int = 3
-    lr: float = 3e-3
-    batch_size: int = 16
-    max_tokens: int = 768
-    demo_epsilon: float = 0.1
-    demo_repeat: float = 0.0  # ALFWorld: probability of an inadmissible repeat of the last command (recovery in the demos)
-    episodes_per_game: int = 1  # epsilon-episodes per training game (different random detours)
-    bucket_by_length: bool = False  # batches of similar lengths: faster, but each batch then holds similar steps
     task_types: tuple = ("all",)  # demonstrations from these task types only
-    seed: int = 0
     compact: bool = True
     history_length: int = 2
     chat_template: bool = True

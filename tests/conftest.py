@@ -9,6 +9,8 @@ if _TESTS_DIR not in sys.path:
 
 import pytest  # noqa: E402
 
+import stepopsd.schemas  # noqa: E402,F401  the typed schemas every composed config of conf/ stands on
+
 # One generated game per task type and split, shared by the ALFWorld tests (about a minute on 2 cores).
 GAMES_ARGS = dict(seed=0, train_per_type=1, valid_per_type=1, workers=2)
 

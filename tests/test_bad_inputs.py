@@ -134,7 +134,7 @@ CASES = {  # name -> (overrides given `bad` paths, what the one line must name)
     "unknown objective": (lambda b: ["optimized_metric=val/nope"], "val/nope"),
     "demo repeat not a probability": (lambda b: ["model.sft.demo_repeat=1.5"], "demo_repeat=1.5"),
     "no SFT epochs": (lambda b: ["model.sft.epochs=0"], "model.sft: need epochs >= 1"),
-    "unknown SFT knob": (lambda b: ["+model.sft.epoch=3"], "'epoch' is not a tiny-SFT knob; known: epochs, lr,"),
+    "unknown SFT knob": (lambda b: ["+model.sft.epoch=3"], "model.sft.epoch: Key 'epoch' not in 'TinySFTKnobs'; the knobs there: epochs, lr,"),
     # data
     "missing data folder": (lambda b: [f"data.path={b['missing']}"], "no ALFWorld games"),
     "empty data folder": (lambda b: [f"data.path={b['empty']}"], "no ALFWorld games"),

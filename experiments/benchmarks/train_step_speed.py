@@ -26,6 +26,7 @@ from hydra import compose, initialize_config_dir
 
 import stepopsd
 import stepopsd.launch  # noqa: F401  registers the config's resolvers
+import stepopsd.schemas  # noqa: F401  the typed schemas conf/ composes on
 from stepopsd.module import GRPOModule
 from stepopsd.estimators import Context, Services
 from stepopsd.build import build_policy, env_factory, load_split, prepare_data

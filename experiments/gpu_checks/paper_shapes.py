@@ -101,6 +101,8 @@ def emit(out: str, record: dict) -> None:
 def compose(model: str, dry: bool, extra=()):
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    import stepopsd.schemas  # noqa: F401  the typed schemas conf/ composes on
+
     overrides = ["experiment=alfworld_heat", f"model={model}", "model.init=random", *(DRY_OVERRIDES if dry else []), *extra]
     with initialize_config_dir(version_base="1.3", config_dir=os.path.join(ROOT, "conf")):
         return hydra_compose("train", overrides=overrides)
@@ -136,9 +138,7 @@ def ppo_config(cfg, **changes):
 
     from stepopsd.module import PPOConfig
 
-    knobs = OmegaConf.to_container(cfg.algorithm.ppo) | {"temperature": cfg.rollout.temperature}
-    if knobs.get("rollout_is_cap") is None:  # null: train.py decides by backend; no TIS pass is measured here
-        knobs["rollout_is_cap"] = 0.0
+    knobs = OmegaConf.to_container(cfg.algorithm.ppo, resolve=True)  # rollout_is_cap null: off, no TIS pass measured
     return PPOConfig(**(knobs | changes))
 
 

@@ -11,6 +11,7 @@ What is implemented:
   The KL term (`kl_k3`) and the entropy term (`entropy_from_logits`) are separate functions; the
   caller adds beta_KL * aggregate(kl) - c_ent * aggregate(H) so each can be logged on its own.
 * `ppo_stats` - the diagnostics a reviewer asks for first (approx-KL, clip fraction, ratios).
+* `PPOConfig` - the update's knobs (`algorithm.ppo`), each default written here only.
 * `truncated_is_weights` - truncated importance sampling between the rollout engine and the trainer
   (off by default: `ppo.rollout_is_cap`), for an engine whose log-probs drift slightly from the trainer's.
 
@@ -19,9 +20,55 @@ clamping inside the k3 estimator, and an all-zero mask aggregates to 0 rather th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """The PPO update's knobs (`algorithm.ppo`; every algorithm's config holds one). Validated on construction."""
+
+    lr: float = 1e-6
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many training steps (Search-QA: 10 %)
+    weight_decay: float = 0.0
+    epochs: int = 1
+    mini_batch_rows: int = 256  # rows per optimizer step (the protocol's unit)
+    micro_batch_rows: int = 0  # rows per forward/backward inside a mini-batch (0: the whole mini-batch)
+    micro_batch_tokens: int = 0  # and/or at most this many padded tokens per micro-batch (0: no budget)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "token_mean"
+    kl_coef: float = 0.01
+    entropy_coef: float = 0.001
+    max_grad_norm: float = 1.0
+    temperature: float = 1.0  # the rollout's sampling temperature, log-probs are taken at it (config: rollout.temperature)
+    logp_gap_threshold: float = 0.05  # max |trainer - rollout| log-prob (mean over tokens) before the first update
+    # truncated importance sampling rollout -> trainer: 0 = off, a value >= 1 is the cap; None: the run picks,
+    # 2.0 under rollout.backend=vllm (its gap is systematic: HF Qwen under autocast with fp32 master weights keeps
+    # the embeddings, residual stream and RMSNorm in fp32, the bf16 engine does not), 0 under hf (outside a run: off)
+    rollout_is_cap: float | None = None
+    max_nonfinite_updates: int = 3  # skipped non-finite updates in a row before the run stops
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.epochs < 1 or self.mini_batch_rows < 1 or self.warmup_steps < 0:
+            raise ValueError("ppo: lr must be > 0, epochs >= 1, mini_batch_rows >= 1 and warmup_steps >= 0")
+        if self.micro_batch_rows < 0 or self.micro_batch_tokens < 0 or self.micro_batch_rows > self.mini_batch_rows:
+            raise ValueError(f"ppo.micro_batch_rows={self.micro_batch_rows}, micro_batch_tokens={self.micro_batch_tokens}: "
+                             f"need 0 <= micro_batch_rows <= mini_batch_rows ({self.mini_batch_rows}) and tokens >= 0 "
+                             "(0 = off)")
+        if not (0 < self.clip_low < 1 and self.clip_high > 0):
+            raise ValueError(f"ppo: need 0 < clip_low < 1 and clip_high > 0, got {self.clip_low}, {self.clip_high}")
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"ppo.agg={self.agg!r}: choose one of {', '.join(AGGREGATIONS)}")
+        if self.kl_coef < 0 or self.entropy_coef < 0 or self.max_grad_norm <= 0 or self.temperature <= 0:
+            raise ValueError("ppo: kl_coef and entropy_coef must be >= 0, max_grad_norm and temperature > 0")
+        if self.max_nonfinite_updates < 1:
+            raise ValueError(f"ppo.max_nonfinite_updates={self.max_nonfinite_updates}: need >= 1")
+        if self.rollout_is_cap not in (None, 0) and not self.rollout_is_cap >= 1:
+            raise ValueError(f"ppo.rollout_is_cap={self.rollout_is_cap}: use 0 (off) or a cap >= 1 (2.0 is usual)")
 
 
 # ----------------------------------------------------------------------------------------------

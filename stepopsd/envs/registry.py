@@ -16,6 +16,7 @@ ValueError with one line that the caller turns into its own error type.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from stepopsd.errors import UserError
@@ -27,10 +28,26 @@ class UnknownEnvError(UserError, ValueError):
     """`env.name` names no registered environment: one line listing the registered ones."""
 
 
+@dataclass
+class EnvConfig:
+    """The `env` config node every environment has (its schema: `EnvSpec.config`); environments with more knobs
+    subclass it and set their protocol's defaults. `name` is the registered name (set when the schema is registered)."""
+
+    name: str = ""
+    max_steps: int = 50  # env steps per episode
+    history_length: int = 2  # earlier (observation, action) pairs in each prompt
+    compact: bool = False  # the compact prompt template (the tiny word-level policy)
+    require_think: bool = False  # a step without <think>...</think> before the action is invalid (conf/env: the model's)
+    success_metric: str = "success"  # what validation reports per task type (or data source)
+    target_span: str = "action_only"  # the tokens of a step trained on (spec §5), for every algorithm
+    peer_budget_tokens: int = 512  # token budget of the peer trajectory in a hindsight block (spec §6)
+
+
 class EnvSpec:
     """One environment, as a run uses it (no-op defaults for the optional parts). `name` is set by `register_env`."""
 
     name: str = ""
+    config: type = EnvConfig  # the schema of its `env` config node: knobs, types, defaults
 
     def check(self, cfg) -> None:
         """The environment's own knobs (`cfg.env`), before any work: ValueError, one line."""

@@ -12,7 +12,10 @@ the loss mask), optionally the per-trajectory values [M], and its metrics.
         def advantages(self, batch, ctx): ...
 
 A module in this package that registers an estimator is found by itself (`package_modules`): adding one is a module,
-a conf/algorithm/<name>.yaml whose `name` is the registered name, and a test. The training step calls the
+a conf/algorithm/<name>.yaml (one line: its schema, `stepopsd.schemas`, plus what differs from the defaults) and a
+test. The estimator's knobs are the dataclass in its `config` attribute (`AlgorithmConfig` or a subclass adding
+fields): Hydra composes the `algorithm` node on it, so each knob's type and default are written there once and a
+misspelt knob is Hydra's own error. The training step calls the
 configured estimator at one stage (`stepopsd.callbacks.advantages.AdvantageStage`), before the PPO update.
 Estimators may keep state (StepOPSD: the stale teacher and its clock): `setup` is called once with the policy and
 the run's `Services`, `state_dict` / `load_state_dict` go into checkpoints. One estimator may compose over another
@@ -28,6 +31,7 @@ from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 
+from stepopsd.algorithms.grpo import PPOConfig
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.errors import UserError
 from stepopsd.registry import Registry, package_modules
@@ -63,10 +67,28 @@ class Context:
     full_weights: Callable[[], ContextManager] = contextlib.nullcontext  # FSDP: the policy's gathered weights
 
 
+@dataclass
+class TeacherKnobs:
+    micro_batch_rows: int = 8  # hindsight-context rows per teacher forward pass (no grad), for teacher-shaped estimators
+
+
+@dataclass
+class AlgorithmConfig:
+    """The `algorithm` config node every estimator has (its schema, `Estimator.config`); estimators with more knobs
+    subclass it. `name` is the registered name (set when the schema is registered)."""
+
+    name: str = ""
+    # the PPO update (Eq. 13-14): a run's micro-batches hold 8 rows (the paper's; PPOConfig's own 0, the whole
+    # mini-batch, is the library's); ppo.temperature follows rollout.temperature
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(micro_batch_rows=8))
+    teacher: TeacherKnobs = field(default_factory=TeacherKnobs)
+
+
 class Estimator:
     """The interface (with no-op defaults for the optional parts). `name` is set by `register_estimator`."""
 
     name: str = ""
+    config: type = AlgorithmConfig  # the schema of its `algorithm` node: knobs, types, defaults
 
     @classmethod
     def from_config(cls, algorithm: Mapping) -> "Estimator":
@@ -106,10 +128,15 @@ def estimator_names() -> list[str]:
     return _ESTIMATORS.names()
 
 
+def get_estimator(name: str) -> type[Estimator]:
+    """The registered estimator class `name`; `UnknownEstimatorError` (one line) for any other."""
+    return _ESTIMATORS.get(name)
+
+
 def build_estimator(algorithm: Mapping) -> Estimator:
     """The estimator `algorithm["name"]` picks, built from the `algorithm` node (a dict); `UnknownEstimatorError`
     (one line) for an unregistered name, ValueError for a bad knob."""
-    return _ESTIMATORS.get(algorithm.get("name")).from_config(algorithm)
+    return get_estimator(algorithm.get("name")).from_config(algorithm)
 
 
 def per_token(values: torch.Tensor, batch: RolloutBatch) -> torch.Tensor:

@@ -7,15 +7,23 @@ drgrpo  Dr.GRPO (Liu et al. 2025): the centring R_i - mean, whatever `scale_by_s
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 from stepopsd.algorithms.grpo import group_advantages
 from stepopsd.data.batch import RolloutBatch
-from stepopsd.estimators import Advantages, Context, Estimator, per_token, register_estimator
+from stepopsd.estimators import AlgorithmConfig, Advantages, Context, Estimator, per_token, register_estimator
+
+
+@dataclass
+class GRPOConfig(AlgorithmConfig):
+    scale_by_std: bool = True  # false: the Dr.GRPO centring R - mean
 
 
 @register_estimator("grpo")
 class GRPO(Estimator):
+    config = GRPOConfig
+
     def __init__(self, scale_by_std: bool = True):
         self.scale_by_std = scale_by_std
 
@@ -30,6 +38,8 @@ class GRPO(Estimator):
 
 @register_estimator("drgrpo")
 class DrGRPO(GRPO):
+    config = AlgorithmConfig  # no std scaling to choose
+
     @classmethod
     def from_config(cls, algorithm: Mapping) -> "DrGRPO":
         return cls(scale_by_std=False)

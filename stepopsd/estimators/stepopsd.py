@@ -15,12 +15,14 @@ import contextlib
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from stepopsd import ranks
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.estimators import Advantages, Context, Estimator, Services, build_estimator, register_estimator
+from stepopsd.estimators.outcome import GRPOConfig
 from stepopsd.faults import maybe_kill
 from stepopsd.hindsight import alfworld_peer_lines
 from stepopsd.teacher import TeacherSnapshot, rescore
@@ -28,8 +30,17 @@ from stepopsd.teacher import TeacherSnapshot, rescore
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StepOPSDAlgorithm(GRPOConfig):
+    base: str = "grpo"  # the estimator whose advantages the teacher reshapes: grpo (spec), drgrpo, rloo, ...
+    stepopsd: StepOPSDConfig = field(default_factory=StepOPSDConfig)  # spec §6-12 (target_span and peer_budget_tokens
+    # follow env.target_span and env.peer_budget_tokens, the environment's protocol: conf/algorithm/stepopsd.yaml)
+
+
 @register_estimator("stepopsd")
 class StepOPSD(Estimator):
+    config = StepOPSDAlgorithm
+
     def __init__(self, config: StepOPSDConfig, base: Estimator, *, micro_batch: int = 8):
         if micro_batch < 1:
             raise ValueError(f"algorithm.teacher.micro_batch_rows={micro_batch}: need >= 1")

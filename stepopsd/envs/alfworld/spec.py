@@ -6,17 +6,28 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 
 from stepopsd.envs.alfworld.env import AlfWorldEnv, load_tasks
 from stepopsd.envs.alfworld.prompts import peer_lines
 from stepopsd.envs.alfworld.tasks import SPLITS, resolve_task_types
-from stepopsd.envs.registry import EnvSpec, register_env
+from stepopsd.envs.registry import EnvConfig, EnvSpec, register_env
 
 PEER_EXAMPLE = "1. go to countertop 1\n2. take apple 1 from countertop 1"  # a peer block in the tokenizer's texts
 
 
+@dataclass
+class AlfWorldConfig(EnvConfig):
+    """ALFWorld protocol (environments.md): 50 steps, history 2, reward 10*won, invalid -0.1; the EnvConfig defaults."""
+
+    num_workers: int = 2  # engine worker processes (about one per core)
+    step_timeout: float = 60  # seconds an engine worker may take for one step before it is replaced
+
+
 @register_env("alfworld")
 class AlfWorldSpec(EnvSpec):
+    config = AlfWorldConfig
+
     def check_splits(self, splits, key):
         if bad := [s for s in splits if s not in SPLITS]:
             raise ValueError(f"{key}: unknown ALFWorld split {bad[0]!r}: use {', '.join(SPLITS)}")

@@ -8,13 +8,40 @@ import contextlib
 import functools
 import json
 import os
+from dataclasses import dataclass, field
 
-from stepopsd.envs.registry import EnvSpec, register_env
+from stepopsd.envs.registry import EnvConfig, EnvSpec, register_env
 from stepopsd.envs.search.protocol import peer_lines
+
+
+@dataclass
+class RetrieverKnobs:
+    url: str | None = "http://127.0.0.1:8000/retrieve"  # a running Search-R1-compatible server (the paper's E5, or stepopsd-retriever)
+    start_server: bool = False  # true: the run starts stepopsd-retriever (BM25) on `corpus` and stops it at the end
+    corpus: str | None = None  # wiki-18.jsonl-format corpus for start_server (None: <data.path>/corpus.jsonl)
+    timeout: float = 10
+    retries: int = 2
+
+
+@dataclass
+class SearchConfig(EnvConfig):
+    """Search-QA protocol (environments.md; Search-R1 tags, verl-agent step layout): at most 4 steps, history 4,
+    top-3 passages, invalid-action penalty 0.01, reward = exact match."""
+
+    max_steps: int = 4
+    history_length: int = 4
+    success_metric: str = "em"  # validation reports exact match per data source
+    target_span: str = "clean_step_no_observation"  # the step's text without the <information> the env inserted
+    peer_budget_tokens: int = 1024
+    topk: int = 3
+    invalid_penalty: float = 0.01
+    retriever: RetrieverKnobs = field(default_factory=RetrieverKnobs)
 
 
 @register_env("search")
 class SearchSpec(EnvSpec):
+    config = SearchConfig
+
     def check(self, cfg):
         e = cfg.env
         if e.topk < 1 or e.invalid_penalty < 0:

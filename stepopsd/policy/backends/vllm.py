@@ -75,8 +75,8 @@ INSTALL_HINT = ("rollout.backend=vllm needs vLLM: pip install -e '.[vllm]' on a 
 @dataclass(frozen=True)
 class VLLMConfig:
     gpu_memory_utilization: float = 0.5  # the share of GPU memory the engine may take (weights + KV cache)
-    max_model_len: int = 4096  # prompt + response tokens per sequence
-    dtype: str = "float32"  # the engine's compute dtype: the trainer's (float32 for 32-true, bfloat16 for bf16-mixed)
+    max_model_len: int | None = None  # prompt + response tokens per sequence; None: the run's max_prompt_tokens + max_new_tokens
+    dtype: str = "auto"  # the engine's compute dtype; auto: the trainer's (float32 under 32-true, bfloat16 under bf16-mixed)
     enable_prefix_caching: bool = True
     enforce_eager: bool | None = None  # None: CUDA graphs on GPUs (False), eager on the CPU build (True)
     max_num_seqs: int = 256  # sequences decoded together
@@ -86,12 +86,12 @@ class VLLMConfig:
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.vllm.gpu_memory_utilization={self.gpu_memory_utilization}: use a share in (0, 1]")
-        if self.max_model_len < 2 or self.max_num_seqs < 1 or self.kv_cache_gb <= 0:
+        if (self.max_model_len is not None and self.max_model_len < 2) or self.max_num_seqs < 1 or self.kv_cache_gb <= 0:
             raise ValueError("rollout.vllm: max_model_len >= 2, max_num_seqs >= 1 and kv_cache_gb > 0")
         if self.sleep_level not in (0, 1, 2):
             raise ValueError(f"rollout.vllm.sleep_level={self.sleep_level}: use 0 (off), 1 or 2")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"rollout.vllm.dtype={self.dtype}: use float32, bfloat16 or float16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout.vllm.dtype={self.dtype}: use auto, float32, bfloat16 or float16")
 
 
 def import_vllm():
@@ -205,11 +205,13 @@ class VLLMBackend:
     """An in-process vLLM engine behind the `GenerationBackend` interface; `sync_weights` after every update."""
 
     def __init__(self, model, tokenizer, *, config: VLLMConfig | None = None, seed: int = 0):
-        self.config = config or VLLMConfig()
+        self.config = cfg = config or VLLMConfig()
+        if cfg.dtype == "auto" or cfg.max_model_len is None:
+            raise ValueError("VLLMConfig: dtype=auto and max_model_len=None are resolved by the run "
+                             "(stepopsd.config.vllm_config); give both when building a VLLMBackend directly")
         LLM, self._params_cls, self._prompt_cls = import_vllm()
         from vllm.platforms import current_platform
 
-        cfg = self.config
         if cfg.sleep_level and not current_platform.is_sleep_mode_available():
             raise ValueError(f"rollout.vllm.sleep_level={cfg.sleep_level}: vLLM's sleep mode needs a CUDA, ROCm or "
                              "XPU device; use sleep_level=0 here")
