@@ -41,6 +41,7 @@ import torch
 import torch.utils.checkpoint
 
 from stepopsd import ranks
+from stepopsd.algorithms.distill import DistillTerm, sdar_token_loss
 from stepopsd.algorithms.grpo import (PPOConfig, aggregate, aggregation_counts, aggregation_norm,
                                      entropy_from_logits, kl_k3, policy_loss, ppo_stats, truncated_is_weights)
 from stepopsd.data.batch import RolloutBatch, micro_batches
@@ -111,15 +112,17 @@ class GRPOModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / warmup) if warmup else 1.0)
         return {"optimizer": opt, "lr_scheduler": schedule}
 
-    def mini_batch_loss(self, rows: dict[str, torch.Tensor], norm: tuple[float, int] | None = None
-                        ) -> tuple[torch.Tensor, dict]:
+    def mini_batch_loss(self, rows: dict[str, torch.Tensor], norm: tuple[float, int] | None = None,
+                        distill: DistillTerm | None = None) -> tuple[torch.Tensor, dict]:
         """Eq. 14 on one mini-batch of right-padded rows (`RolloutBatch.rows`): the clipped surrogate,
         minus c_ent * entropy, plus beta_KL * k3 KL to the reference. With `norm` (`aggregation_norm` of
         the whole mini-batch's response window) the rows are one micro-batch of it and every term is
         this micro-batch's share, so the shares add up to the mini-batch's loss. The rows are
         left-aligned so that every response ends in the last column and the LM head runs on the
         response window only; the returned parts (detached log-probs, loss terms, the window's row
-        tensors) are for the logs."""
+        tensors) are for the logs. With an estimator's `distill` term (rows holding `teacher_logp`) the loss is
+        pg_coef * surrogate + coef * agg(g_t (log pi_T - log pi_theta)) over the target tokens, with the
+        surrogate's own normaliser (`stepopsd.algorithms.distill`)."""
         ppo = self.ppo
         rows = left_align(rows, rows["attention_mask"])
         keep = tail_width(rows["loss_mask"])
@@ -135,9 +138,16 @@ class GRPOModule(L.LightningModule):
                          agg=ppo.agg, norm=norm, weights=weights)
         entropy = aggregate(token_entropy, mask, ppo.agg, norm=norm)
         del logits
-        # entropy is a diagnostic when c_ent = 0: kept out of the loss, so backward skips its softmax
-        loss = pg - ppo.entropy_coef * entropy if ppo.entropy_coef else pg
         parts = {"logp": logp.detach(), "pg_loss": pg.detach(), "entropy": entropy.detach(), "tail": tail}
+        policy_term = pg
+        if distill is not None:  # SDAR's self-distillation term (OPSD alone: pg_coef 0)
+            target = ((tail["step_ids"] >= 0) & (mask > 0)).to(logp.dtype)
+            sd = aggregate(sdar_token_loss(tail["teacher_logp"], logp, distill.gate_beta) * target, mask, ppo.agg,
+                           norm=norm)
+            policy_term = distill.pg_coef * pg + distill.coef * sd
+            parts["distill_loss"] = sd.detach()
+        # entropy is a diagnostic when c_ent = 0: kept out of the loss, so backward skips its softmax
+        loss = policy_term - ppo.entropy_coef * entropy if ppo.entropy_coef else policy_term
         if self.reference is not None:
             with torch.no_grad():
                 ref, _ = tail_logprobs(self.reference, rows["input_ids"], rows["attention_mask"], keep,
@@ -172,7 +182,7 @@ class GRPOModule(L.LightningModule):
         for j, micro in enumerate(parts):
             rows = {k: v.to(self.device) for k, v in batch.rows(micro).items()}
             with self._grad_sync(j == len(parts) - 1):
-                loss, out = self.mini_batch_loss(rows, norm)
+                loss, out = self.mini_batch_loss(rows, norm, batch.distill)
                 scale = weight * world if j < real else 0.0  # padding: a pass with no gradient (_micro_batch_padding)
                 if self._trainer is not None:
                     self.manual_backward(loss * scale)
@@ -180,7 +190,7 @@ class GRPOModule(L.LightningModule):
                     (loss * scale).backward()
             if j >= real:
                 continue
-            for k in ("pg_loss", "entropy", "kl_ref"):  # this rank's share x world: the ranks' mean is the union's
+            for k in ("pg_loss", "entropy", "kl_ref", "distill_loss"):  # this rank's share x world: the ranks' mean is the union's
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + out[k] * (world * weight)
             keep = out["tail"]["loss_mask"] > 0
@@ -263,8 +273,9 @@ class GRPOModule(L.LightningModule):
                 ones = torch.ones_like(logp)
                 if epoch == 0 and i == 0 and not ppo.rollout_is_cap:  # no optimizer step yet: the policy is the rollout's
                     self._check_logp_gap(logp, out["rollout_logp"][None], ones * weight, metrics)
-                if "kl_ref" in out:
-                    _add(metrics, "actor/kl_ref", out["kl_ref"].item())
+                for k in ("kl_ref", "distill_loss"):
+                    if k in out:
+                        _add(metrics, f"actor/{k}", out[k].item())
                 if epoch == 0 and i == 0:
                     maybe_kill("update", self.current_epoch + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
                 grad_norm = self._clip_gradients()

@@ -107,8 +107,10 @@ def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], token
 
 def rescore(batch: RolloutBatch, teacher: torch.nn.Module, tokenizer, cfg: StepOPSDConfig, step: int, *,
             pad_id: int, temperature: float = 1.0, student_logp: torch.Tensor | None = None,
-            micro_batch: int = 16, peer_lines=alfworld_peer_lines) -> tuple[torch.Tensor, dict]:
-    """Shaped advantages [N, L] (Eq. 6-12) and diagnostics. `student_logp` defaults to the rollout's."""
+            micro_batch: int = 16, peer_lines=alfworld_peer_lines, budget_on: str = "advantage"
+            ) -> tuple[torch.Tensor, dict]:
+    """Shaped advantages [N, L] (Eq. 6-12) and diagnostics. `student_logp` defaults to the rollout's; `budget_on`:
+    what the per-step budget equalises (`shape_advantages`)."""
     lam = cfg.lam(step)
     target = (batch.step_ids >= 0) & (batch.loss_mask > 0)
     metrics = {"stepopsd/lambda": lam, "stepopsd/target_token_frac": target.sum().item() / max(1.0, batch.loss_mask.sum().item())}
@@ -122,7 +124,7 @@ def rescore(batch: RolloutBatch, teacher: torch.nn.Module, tokenizer, cfg: StepO
     step_ids = torch.where(target, batch.step_ids, -1)  # targets inside the loss mask only
     shaped = shape_advantages(batch.advantages, delta, step_ids, batch.loss_mask,
                               alpha_clip=cfg.alpha_clip, lam=lam, weight_fn=cfg.weight_fn,
-                              budget_clip=cfg.budget_clip, traj_ids=batch.row_traj)
+                              budget_clip=cfg.budget_clip, traj_ids=batch.row_traj, budget_on=budget_on)
     scores = step_scores(delta, step_ids)  # Eq. 5
     success = batch.traj_success[batch.row_traj[scores.rows]]
     nonzero = (batch.advantages != 0) & (batch.loss_mask > 0)

@@ -27,7 +27,7 @@ BATCH = batch_of([10.0, 0.0, 0.0, 0.0], [0, 0, 1, 1])
 def test_the_shipped_estimators_are_registered_and_an_unknown_name_is_one_line():
     assert {"grpo", "drgrpo", "stepopsd"} <= set(estimator_names())
     with pytest.raises(UnknownEstimatorError, match=r"algorithm=ppo2: no advantage estimator of that name; registered: "
-                                                    r"drgrpo, grpo, .*stepopsd"):
+                                                    r"drgrpo, .*grpo, .*stepopsd"):
         build_estimator({"name": "ppo2"})
     with initialize_config_dir(version_base="1.3", config_dir=CONF):
         cfg = compose("train", overrides=["experiment=alfworld_heat", "machine=cpu", "algorithm.name=ppo2"])

@@ -316,3 +316,23 @@ def test_step_per_row_budget_erases_step_differences_and_keeps_the_within_step_s
     kappa = on / off
     assert kappa.min() > 1 / 1.05 and kappa.max() < 1.05  # far from the clip 1/C = 0.5, C = 2
     assert (off.abs().mean(1).view(3, 4).std(1) > 1e-3).all()  # without the budget the steps did differ
+
+
+def test_the_budget_over_a_step_level_base_equalises_the_multiplier_not_the_credit():
+    """One trajectory, two steps of two target tokens; a GiGPO-like base gives step 0 A = 2 and step 1 A = 0.5;
+    Δ = 0, so w = 2σ(0) = 1 and Ã = A. On |Ã| (Eq. 10): M = (2, 0.5), M̄ = 1.25, κ = (0.625, clip(2.5) = 2):
+    Â = (1.25, 1.0), the base's credit erased. On the multiplier |Ã / A| = 1 everywhere: κ = 1, Â = A."""
+    adv = torch.tensor([[2.0, 2.0], [0.5, 0.5]])
+    step_ids = torch.tensor([[0, 0], [1, 1]])
+    mask, delta, traj = torch.ones(2, 2), torch.zeros(2, 2), torch.tensor([0, 0])
+    knobs = dict(alpha_clip=0.2, lam=0.5, budget_clip=2.0, traj_ids=traj)
+    on_adv = shape_advantages(adv, delta, step_ids, mask, **knobs)
+    assert torch.allclose(on_adv, torch.tensor([[1.25, 1.25], [1.0, 1.0]]), atol=1e-5)
+    on_mult = shape_advantages(adv, delta, step_ids, mask, budget_on="multiplier", **knobs)
+    assert torch.allclose(on_mult, adv)
+    # a teacher that moves step 1 only: Δ = +10 there, w = 1.2, multiplier 1 + 0.5 * 0.2 = 1.1 on step 1;
+    # M = (1, 1.1), M̄ = 1.05, κ = (1.05, 1.05 / 1.1): Â = (2.1, 0.5 * 1.1 * 1.05 / 1.1 = 0.525)
+    moved = shape_advantages(adv, torch.tensor([[0.0, 0.0], [10.0, 10.0]]), step_ids, mask, budget_on="multiplier", **knobs)
+    assert torch.allclose(moved, torch.tensor([[2.1, 2.1], [0.525, 0.525]]), atol=1e-5)
+    with pytest.raises(ValueError, match="budget_on='steps'"):
+        shape_advantages(adv, delta, step_ids, mask, budget_on="steps", **knobs)

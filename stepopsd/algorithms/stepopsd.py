@@ -123,8 +123,10 @@ def _step_budget(
     mask: torch.Tensor,
     traj_ids: torch.Tensor | None,
     budget_clip: float,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 10-12 on shaped advantages [B, T]; returns [B, T]. Vectorised over (row, k) keys."""
+    """Eq. 10-12 on shaped advantages [B, T]; returns [B, T]. Vectorised over (row, k) keys. With `base` (the
+    advantages before shaping) M_k is the mean multiplier |Ã / A| of step k (1 where A = 0) instead of |Ã|."""
     n_rows = shaped.shape[0]
     if traj_ids is None:
         traj = torch.arange(n_rows, device=shaped.device)
@@ -141,7 +143,8 @@ def _step_budget(
     n_steps = steps.numel()
     ones = torch.ones_like(shaped[counted])
     n_tok = torch.zeros(n_steps, dtype=shaped.dtype, device=shaped.device).index_add_(0, inv, ones)
-    abs_sum = torch.zeros_like(n_tok).index_add_(0, inv, shaped[counted].abs())
+    size = shaped.abs() if base is None else torch.where(base != 0, shaped.abs() / base.abs().clamp(min=1e-30), 1.0)
+    abs_sum = torch.zeros_like(n_tok).index_add_(0, inv, size[counted])
     m_k = abs_sum / n_tok  # Eq. 10: M_k, [S]
     step_traj = traj[steps // n_k]  # trajectory of each step, [S]
     n_traj = int(traj.max()) + 1
@@ -171,6 +174,7 @@ def shape_advantages(
     weight_fn: str = "sigmoid",
     budget_clip: float | None = 2.0,
     traj_ids: torch.Tensor | None = None,
+    budget_on: str = "advantage",
 ) -> torch.Tensor:
     """Step-aware advantages: Eq. 6-8, then the per-step budget Eq. 10-12. Returns [B, T].
 
@@ -180,6 +184,11 @@ def shape_advantages(
     mask [B, T]        loss mask (only the budget's M_k of Eq. 10 reads it)
     traj_ids [B]       trajectory of each row (step-per-row layout); None: each row is one
     budget_clip        C of Eq. 11; None switches the budget off
+    budget_on          what Eq. 10's M_k averages: "advantage" |Ã| (the spec), or "multiplier" |Ã / A|, for a base
+                       estimator whose |A| differs from step to step (GiGPO): the budget then equalises the teacher's
+                       reshaping across steps and keeps the base's own step-to-step credit. With a base whose |A| is
+                       the same on every step of a trajectory (GRPO, Dr.GRPO, RLOO) both give the same κ_k up to
+                       where the 1e-6 of Eq. 11 sits.
 
     Eq. 6  w_raw = 2*sigmoid(sign(A)*Delta)   or exp(sign(A)*Delta)     (sign(0) = 0 -> w_raw = 1)
     Eq. 7  w = clip(w_raw, 1 - alpha, 1 + alpha)
@@ -188,6 +197,8 @@ def shape_advantages(
     lam == 0 returns a bitwise copy of `advantages`, budget skipped too (exact GRPO, spec §2).
     """
     _check_knobs(alpha_clip, lam, weight_fn, budget_clip)
+    if budget_on not in ("advantage", "multiplier"):
+        raise ValueError(f"budget_on={budget_on!r}: use advantage (Eq. 10) or multiplier")
     same = advantages.shape == delta.shape == step_ids.shape == mask.shape
     if not same or advantages.dim() != 2:
         raise ValueError("advantages, delta, step_ids and mask must all be [B, T]; got "
@@ -203,7 +214,7 @@ def shape_advantages(
     shaped = adv * (1.0 + lam * (w - 1.0))  # Eq. 8
     if budget_clip is None:
         return shaped
-    return _step_budget(shaped, step_ids, mask, traj_ids, budget_clip)
+    return _step_budget(shaped, step_ids, mask, traj_ids, budget_clip, adv if budget_on == "multiplier" else None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """AdvantageStage: the one stage of the training step that computes the advantages, with the configured estimator.
 
 On every training batch, before `training_step`, it calls `estimator.advantages(batch, ctx)` (stepopsd/estimators)
-and writes the result into the batch (`advantages`, and `traj_adv` for outcome-level estimators): the only write
+and writes the result into the batch (`advantages`, `traj_adv` for outcome-level estimators, and an estimator's
+own loss term, `teacher_logp` / `distill`): the only write
 to a batch after `build_batch`, so no other callback's position matters. The estimator's metrics are logged on
 the step (reduced across ranks). Its state (StepOPSD: the teacher snapshot and its clock) is this callback's
 checkpoint state, with the estimator's name. StepOPSD's is saved under the key of the former TeacherRescoring
@@ -48,6 +49,7 @@ class AdvantageStage(L.Callback):
         batch.advantages = out.tokens  # the documented write-back: training_step reads these
         if out.trajectories is not None:
             batch.traj_adv = out.trajectories
+        batch.teacher_logp, batch.distill = out.teacher_logp, out.distill  # a loss term of the estimator's, or None
         if out.metrics:
             pl_module.log_dict(out.metrics, on_step=True, sync_dist=True, batch_size=batch.num_rows)
         self.step += 1

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from stepopsd.algorithms.distill import DistillTerm
 from stepopsd.algorithms.grpo import uniform_group_fraction
 from stepopsd.types import Trajectory
 
@@ -30,8 +31,9 @@ from stepopsd.types import Trajectory
 class RolloutBatch:
     """Step rows [N, L] plus per-trajectory values [M]; rows of trajectory m have row_traj == m.
 
-    Only `advantages` and `traj_adv` are ever reassigned after construction: the advantage stage writes the
-    configured estimator's values there (zeros until then) before `training_step` reads them."""
+    Only `advantages`, `traj_adv` and the loss term (`teacher_logp`, `distill`) are ever reassigned after
+    construction: the advantage stage writes the configured estimator's values there (zeros / None until then)
+    before `training_step` reads them."""
 
     input_ids: torch.Tensor  # [N, L] long, prompt + response, right-padded
     attention_mask: torch.Tensor  # [N, L] long
@@ -48,6 +50,10 @@ class RolloutBatch:
     traj_adv: torch.Tensor  # [M] float, an outcome-level estimator's A_i (Eq. 1 for GRPO); 0 otherwise
     trajectories: tuple[Trajectory, ...]  # the records the hindsight contexts are built from (Eq. 3)
     trainer_logp: torch.Tensor | None = None  # [N, L] pi_old recomputed by the trainer (ppo.rollout_is_cap only)
+    # an estimator's loss term (SDAR's self-distillation baselines, `stepopsd.algorithms.distill`): the teacher's
+    # log-probs of the target tokens [N, L] (0 elsewhere) and the term's coefficients; None for the others
+    teacher_logp: torch.Tensor | None = None
+    distill: "DistillTerm | None" = None
 
     @property
     def num_rows(self) -> int:
@@ -63,6 +69,7 @@ class RolloutBatch:
         width = int(mask.sum(1).max()) if len(index) else 0
         names = ("input_ids", "attention_mask", "loss_mask", "rollout_logp", "advantages", "step_ids")
         names += ("trainer_logp",) if self.trainer_logp is not None else ()
+        names += ("teacher_logp",) if self.teacher_logp is not None else ()
         return {name: getattr(self, name)[index][:, :width] for name in names}
 
 

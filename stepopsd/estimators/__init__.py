@@ -5,7 +5,8 @@ rewards and group ids per trajectory (`traj_reward`, `traj_group`), the row layo
 `loss_mask`, `step_ids` on the target spans) and the trajectory records themselves (`batch.trajectories`: every
 step's prompt, response, the observation it acted on (`StepRecord.observation`, a hashable state key for
 step-level grouping) and the env transition). It returns an `Advantages` record: [N, L] token advantages (0 off
-the loss mask), optionally the per-trajectory values [M], and its metrics.
+the loss mask), optionally the per-trajectory values [M], its metrics and a loss term of its own (`distill`: SDAR's
+self-distillation term, which the PPO update adds).
 
     @register_estimator("rloo")
     class RLOO(Estimator):
@@ -31,6 +32,7 @@ from typing import Any, Callable, ContextManager, Mapping
 
 import torch
 
+from stepopsd.algorithms.distill import DistillTerm
 from stepopsd.algorithms.grpo import PPOConfig
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.errors import UserError
@@ -44,6 +46,10 @@ class Advantages:
     tokens: torch.Tensor  # [N, L] advantage of every token (0 off the loss mask)
     trajectories: torch.Tensor | None = None  # [M] one value per trajectory, for outcome-level estimators
     metrics: dict = field(default_factory=dict)  # logged on the training step (reduced across ranks)
+    # a loss term the estimator adds to the PPO update (SDAR's self-distillation baselines): the teacher's log-probs
+    # of the target tokens [N, L] and the term's coefficients (`stepopsd.algorithms.distill.DistillTerm`)
+    teacher_logp: torch.Tensor | None = None
+    distill: DistillTerm | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class Estimator:
 
     name: str = ""
     config: type = AlgorithmConfig  # the schema of its `algorithm` node: knobs, types, defaults
+    step_level: bool = False  # its advantages differ from step to step of a trajectory (GiGPO), not one per trajectory
 
     @classmethod
     def from_config(cls, algorithm: Mapping) -> "Estimator":

@@ -3,98 +3,58 @@ by the hindsight teacher (spec §6-10, Eq. 2-12; the math in `stepopsd.algorithm
 in `stepopsd.teacher.rescore`).
 
 State: the stale teacher snapshot (refreshed every `teacher_refresh` training steps, or the live policy with 0),
-saved with checkpoints; its clock is the training step the advantage stage passes (`ctx.step`, t of Eq. 9). With lambda_t = 0 the base advantages
-pass through untouched: exactly the base estimator. A batch whose rescoring fails (a hindsight context longer than
-the teacher allows, out of memory) trains on the base advantages, with a warning, counted in
-`stepopsd/rescoring_failed`; under several ranks a failure on any rank makes every rank fall back for that batch
-(the same decision and the same logged keys everywhere, `stepopsd.ranks`).
+saved with checkpoints; its clock is the training step the advantage stage passes (`ctx.step`, t of Eq. 9). With
+lambda_t = 0 the base advantages pass through untouched: exactly the base estimator. Over a step-level base (GiGPO,
+`Estimator.step_level`) the per-step budget (Eq. 10-12) equalises the teacher's multiplier |Ã / A| across steps,
+not |Ã|, so that the base's own step-to-step credit is kept (`shape_advantages`, `budget_on`). The teacher, its state and the
+fall-back to the base's advantages when a teacher pass fails are every teacher-shaped estimator's
+(`stepopsd.estimators.teacher_shaped`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from stepopsd import ranks
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.data.batch import RolloutBatch
-from stepopsd.estimators import Advantages, Context, Estimator, Services, build_estimator, register_estimator
+from stepopsd.estimators import Advantages, Context, Estimator, register_estimator
 from stepopsd.estimators.outcome import GRPOConfig
-from stepopsd.faults import maybe_kill
+from stepopsd.estimators.teacher_shaped import TeacherShaped, base_estimator
 from stepopsd.hindsight import alfworld_peer_lines
-from stepopsd.teacher import TeacherSnapshot, rescore
-
-log = logging.getLogger(__name__)
+from stepopsd.teacher import rescore
 
 
 @dataclass
 class StepOPSDAlgorithm(GRPOConfig):
-    base: str = "grpo"  # the estimator whose advantages the teacher reshapes: grpo (spec), drgrpo, rloo, ...
+    base: str = "grpo"  # the estimator whose advantages the teacher reshapes: grpo (spec), drgrpo, rloo, gigpo
     stepopsd: StepOPSDConfig = field(default_factory=StepOPSDConfig)  # spec §6-12 (target_span and peer_budget_tokens
     # follow env.target_span and env.peer_budget_tokens, the environment's protocol: conf/algorithm/stepopsd.yaml)
 
 
 @register_estimator("stepopsd")
-class StepOPSD(Estimator):
+class StepOPSD(TeacherShaped):
     config = StepOPSDAlgorithm
 
     def __init__(self, config: StepOPSDConfig, base: Estimator, *, micro_batch: int = 8):
-        if micro_batch < 1:
-            raise ValueError(f"algorithm.teacher.micro_batch_rows={micro_batch}: need >= 1")
+        super().__init__(base, teacher_refresh=config.teacher_refresh, micro_batch=micro_batch)
         self.config = config
-        self.base = base
-        self.micro_batch = micro_batch  # hindsight-context rows per teacher forward pass
-        self.services = Services()
-        self.teacher: TeacherSnapshot | None = None
 
     @classmethod
     def from_config(cls, algorithm: Mapping) -> "StepOPSD":
-        base = algorithm.get("base", "grpo")
-        if base == "stepopsd":
-            raise ValueError("algorithm.base=stepopsd: StepOPSD reshapes another estimator's advantages; use grpo, rloo, ...")
-        return cls(StepOPSDConfig(**algorithm["stepopsd"]), build_estimator({**algorithm, "name": base}),
+        return cls(StepOPSDConfig(**algorithm["stepopsd"]), base_estimator(algorithm, "StepOPSD"),
                    micro_batch=algorithm.get("teacher", {}).get("micro_batch_rows", 8))
-
-    def setup(self, policy, services: Services) -> None:
-        self.services = services
-        self.base.setup(policy, services)
-        if self.teacher is None:
-            self.teacher = TeacherSnapshot(policy, self.config.teacher_refresh, services.frozen_dtype)
 
     def advantages(self, batch: RolloutBatch, ctx: Context) -> Advantages:
         base = self.base.advantages(batch, ctx)
-        t0, step = time.perf_counter(), ctx.step  # training steps done: t of Eq. 9 and the N_ref clock
-        refreshed = self.teacher.maybe_refresh(ctx.policy, step)
-        teacher = self.teacher.model.to(ctx.device)
-        live = teacher is ctx.policy  # teacher_refresh=0: under FSDP the live policy's weights are gathered
-        s = self.services
-        error = None
-        try:
-            with ctx.compute(), ctx.full_weights() if live else contextlib.nullcontext():
-                shaped, metrics = rescore(dataclasses.replace(batch, advantages=base.tokens), teacher, s.tokenizer,
-                                          self.config, step, pad_id=s.tokenizer.pad_token_id,
-                                          temperature=s.temperature, micro_batch=self.micro_batch,
-                                          peer_lines=s.peer_lines or alfworld_peer_lines)
-            maybe_kill("rescore", step + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
-        except Exception as e:  # a context too long for the teacher, out of memory, ...: this batch keeps the base's
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        error = ranks.agreed_problem(error)  # one rank's failure: every rank's share of the batch falls back together
-        if error is None:
-            metrics["stepopsd/rescoring_failed"] = 0.0
-        else:
-            log.warning("[stepopsd] teacher rescoring failed at training step %d (%s): this batch trains on "
-                        "plain %s advantages", step + 1, error, self.base.name.upper())
-            shaped, metrics = base.tokens, {"stepopsd/rescoring_failed": 1.0, "stepopsd/lambda": self.config.lam(step)}
-        metrics |= {"time/rescore_s": time.perf_counter() - t0, "stepopsd/teacher_refreshed": float(refreshed),
-                    "stepopsd/teacher_age": step - self.teacher.taken_at}
-        return Advantages(shaped, base.trajectories, base.metrics | metrics)
-
-    def state_dict(self) -> dict:
-        return {"teacher": self.teacher.state_dict() if self.teacher else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
+        s, step = self.services, ctx.step  # training steps done: t of Eq. 9 and the N_ref clock
+        scored, _, metrics = self.with_teacher(ctx, lambda teacher: rescore(
+            dataclasses.replace(batch, advantages=base.tokens), teacher, s.tokenizer, self.config, step,
+            pad_id=s.tokenizer.pad_token_id, temperature=s.temperature, micro_batch=self.micro_batch,
+            peer_lines=s.peer_lines or alfworld_peer_lines,
+            budget_on="multiplier" if self.base.step_level else "advantage"))
+        if scored is None:
+            return Advantages(base.tokens, base.trajectories, base.metrics | metrics | {"stepopsd/lambda": self.config.lam(step)})
+        shaped, shaping = scored
+        return Advantages(shaped, base.trajectories, base.metrics | shaping | metrics)
 

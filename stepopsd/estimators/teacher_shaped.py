@@ -1,0 +1,86 @@
+"""What every teacher-shaped estimator shares (StepOPSD, and SDAR's RLSD / SDAR / OPSD / GRPO+OPSD baselines): a base
+estimator whose advantages it starts from (`algorithm.base`), the hindsight teacher (a stale snapshot of the policy
+refreshed every `teacher_refresh` training steps, or the live policy with 0; `stepopsd.teacher.TeacherSnapshot`),
+its state in checkpoints, and one way to fail: a batch whose teacher pass fails (a hindsight context longer than the
+teacher allows, out of memory) trains on the base estimator's advantages, with a warning, counted in
+`<name>/rescoring_failed`; under several ranks a failure on any rank makes every rank fall back for that batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Callable, Mapping
+
+from stepopsd import ranks
+from stepopsd.data.batch import RolloutBatch
+from stepopsd.estimators import Context, Estimator, Services, build_estimator, get_estimator
+from stepopsd.faults import maybe_kill
+from stepopsd.hindsight import alfworld_peer_lines, hindsight_blocks
+from stepopsd.teacher import TeacherSnapshot, teacher_target_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def base_estimator(algorithm: Mapping, name: str) -> Estimator:
+    """The estimator `algorithm.base` names, built from the same node (a teacher-shaped one is refused: one line)."""
+    base = algorithm.get("base", "grpo")
+    if issubclass(get_estimator(base), TeacherShaped):
+        raise ValueError(f"algorithm.base={base}: {name} reshapes another estimator's advantages; use grpo, drgrpo, "
+                         "rloo or gigpo")
+    return build_estimator({**algorithm, "name": base})
+
+
+class TeacherShaped(Estimator):
+    def __init__(self, base: Estimator, *, teacher_refresh: int, micro_batch: int = 8):
+        if micro_batch < 1:
+            raise ValueError(f"algorithm.teacher.micro_batch_rows={micro_batch}: need >= 1")
+        self.base = base
+        self.teacher_refresh = teacher_refresh
+        self.micro_batch = micro_batch  # hindsight-context rows per teacher forward pass
+        self.services = Services()
+        self.teacher: TeacherSnapshot | None = None
+
+    def setup(self, policy, services: Services) -> None:
+        self.services = services
+        self.base.setup(policy, services)
+        if self.teacher is None:
+            self.teacher = TeacherSnapshot(policy, self.teacher_refresh, services.frozen_dtype)
+
+    def with_teacher(self, ctx: Context, score: Callable) -> tuple[object | None, str | None, dict]:
+        """`score(teacher)` under the trainer's precision (FSDP: the live policy's weights gathered), after the
+        snapshot's refresh; returns (its result or None, the error every rank agreed on or None, metrics)."""
+        t0, step = time.perf_counter(), ctx.step
+        refreshed = self.teacher.maybe_refresh(ctx.policy, step)
+        teacher = self.teacher.model.to(ctx.device)
+        live = teacher is ctx.policy  # teacher_refresh=0: under FSDP the live policy's weights are gathered
+        result, error = None, None
+        try:
+            with ctx.compute(), ctx.full_weights() if live else contextlib.nullcontext():
+                result = score(teacher)
+            maybe_kill("rescore", step + 1)  # tests only (STEPOPSD_TEST_KILL_AT)
+        except Exception as e:  # a context too long for the teacher, out of memory, ...: this batch keeps the base's
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        error = ranks.agreed_problem(error)  # one rank's failure: every rank's share of the batch falls back together
+        if error is not None:
+            log.warning("[%s] teacher rescoring failed at training step %d (%s): this batch trains on plain %s "
+                        "advantages", self.name, step + 1, error, self.base.name.upper())
+            result = None
+        metrics = {"time/rescore_s": time.perf_counter() - t0, f"{self.name}/teacher_refreshed": float(refreshed),
+                   f"{self.name}/teacher_age": step - self.teacher.taken_at,
+                   f"{self.name}/rescoring_failed": float(error is not None)}
+        return result, error, metrics
+
+    def teacher_logprobs(self, batch: RolloutBatch, teacher, peer_budget: int):
+        """log π_T of every target token under its trajectory's hindsight block (Eq. 2-3), [N, L] (0 elsewhere)."""
+        s = self.services
+        blocks = hindsight_blocks(batch.trajectories, s.tokenizer, peer_budget=peer_budget,
+                                  serialise=s.peer_lines or alfworld_peer_lines)
+        return teacher_target_logprobs(teacher, batch, blocks, s.tokenizer, pad_id=s.tokenizer.pad_token_id,
+                                       temperature=s.temperature, micro_batch=self.micro_batch)
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher.state_dict() if self.teacher else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
