@@ -30,3 +30,35 @@ def test_each_algorithm_trains_two_steps_through_train_py(algorithm, generated_g
     before = load_file(os.path.join(sft_folder, "model.safetensors"))
     after = load_file(str(out / "policy" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before), "training did not change the policy"
+
+
+SEARCH_KINDS = ["grpo", "gigpo", "rlsd", "opsd"]  # one per code path: outcome, step-level, token reweighting, loss term
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    from stepopsd.envs.search.generate import make_qa
+
+    out = tmp_path_factory.mktemp("qa")
+    make_qa(str(out), 0, num_entities=120, train_questions=40, test_questions=8)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", SEARCH_KINDS)
+def test_each_kind_of_estimator_trains_two_steps_on_search_qa(algorithm, qa, tmp_path_factory):
+    """`experiment=searchqa machine=cpu` (generated corpus and questions, the run's own BM25 server): the estimator
+    runs on Search-QA's step rows (its target span: the step without the inserted <information>)."""
+    cache = tmp_path_factory.getbasetemp() / "search-tiny-cache"  # shared by these runs: SFT built once
+    out = tmp_path_factory.mktemp(f"search-{algorithm}")
+    proc = run_train("experiment=searchqa", "machine=cpu", f"algorithm={algorithm}", f"data.path={qa}",
+                     "data.generate=null", f"paths.cache_dir={cache}", f"hydra.run.dir={out}", "training_steps=2",
+                     "tasks_per_step=2", "group_size=2", "val_tasks=2", "val_every=2", "val_samples=1",
+                     "rollout.max_new_tokens=32", "model.sft.epochs=1", "model.vocab_size=1024",
+                     "model.architecture.hidden_size=32", "model.architecture.num_layers=1",
+                     "model.architecture.intermediate_size=64", "algorithm.ppo.entropy_coef=0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, steps = train_rows(out)
+    assert len(steps) == 2 and all(float(r["rollout/logp_gap_mean"]) < 1e-3 for r in steps)
+    signature = {"gigpo": "gigpo/anchor_group_frac"} | SIGNATURE
+    if algorithm in signature:
+        assert any(r.get(signature[algorithm]) for r in rows), sorted(rows[-1])
