@@ -142,7 +142,8 @@ def build_trainer(run: Run):
     # and the progress bar count training steps, not PPO's several optimizer steps per batch.
     every = cfg.callbacks.checkpoint_every or cfg.training_steps
     checkpoints = os.path.join(cfg.paths.output_dir, "checkpoints")
-    services = Services(tokenizer=tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg), frozen_dtype=frozen)
+    services = Services(tokenizer=tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg), frozen_dtype=frozen,
+                        anchor_similarity=cfg.env.anchor_similarity)
     callbacks = [RolloutLogging(), AdvantageStage(run.estimator, services), validation,
                  Preemption(checkpoints, requeue=cfg.callbacks.requeue),
                  ModelCheckpoint(dirpath=checkpoints, filename="step{train_step:04.0f}",

@@ -29,7 +29,7 @@ import torch
 from stepopsd.config import ConfigError, check_config
 from stepopsd.data.batch import build_batch
 from stepopsd.estimators import Context, Services, build_estimator, per_token
-from stepopsd.estimators.gigpo import (GiGPO, GiGPOConfig, anchor_groups, discounted_returns, episode_advantages,
+from stepopsd.estimators.gigpo import (GiGPO, GiGPOKnobs, anchor_groups, discounted_returns, episode_advantages,
                                        step_advantages)
 from stepopsd.types import EnvState, StepRecord, Task, Trajectory, Transition
 
@@ -123,7 +123,7 @@ def test_step_advantages_of_the_worked_example(mode):
 def test_the_estimator_on_the_worked_example(stats, mode):
     batch = batch_of_trajs(*WORKED)
     assert batch.row_traj.tolist() == ROW_TRAJ and batch.row_step.tolist() == [0, 1, 2, 0, 1, 0, 1]
-    out = build_estimator({"name": "gigpo", "mode": mode, "episode_stats": stats}).advantages(batch, Context(step=0))
+    out = build_estimator({"name": "gigpo", "gigpo": {"mode": mode, "episode_stats": stats}}).advantages(batch, Context(step=0))
     close(out.trajectories, EPISODE[stats, mode])
     rows = [EPISODE[stats, mode][m] + s for m, s in zip(ROW_TRAJ, STEP[mode])]  # omega = 1
     torch.testing.assert_close(out.tokens, torch.tensor(rows)[:, None] * batch.loss_mask, atol=1e-5, rtol=0)
@@ -146,7 +146,7 @@ def test_anchors_shared_across_trajectories_and_revisited_within_one():
     R = 0, 0 -> A^E 0; anchor a {0, 0, 0} -> 0."""
     batch = batch_of_trajs(traj(0, 0, ("a", 0.0), ("b", -0.1), ("a", 10.0)), traj(0, 1, ("a", 0.0), ("b", 0.0)),
                            traj(1, 0, ("a", 0.0)), traj(1, 1, ("a", 0.0), ("a", 0.0)))
-    est = build_estimator({"name": "gigpo", "gamma": 0.5, "step_advantage_w": 0.5, "mode": "mean_norm"})
+    est = build_estimator({"name": "gigpo", "gigpo": {"gamma": 0.5, "step_advantage_w": 0.5, "mode": "mean_norm"}})
     out = est.advantages(batch, Context(step=0))
     close(out.trajectories, [4.95, -4.95, 0.0, 0.0])
     close(out.tokens[:, -1], [4.1, 6.175, 7.875, -7.025, -6.175, 0.0, 0.0, 0.0])
@@ -158,22 +158,69 @@ def test_gamma_zero_compares_each_steps_own_reward():
     """gamma 0: R^S = r_t. Group: t1 (s0: 0, s1: 10), t2 (s0: 0, s1: 0). Anchor s0 {0, 0} -> 0; anchor s1 {10, 0}:
     mean_norm +-5. A^E mean_norm +-5. Rows: t1 (5 + 0, 5 + 5), t2 (-5 + 0, -5 - 5)."""
     batch = batch_of_trajs(traj(0, 0, ("s0", 0.0), ("s1", 10.0)), traj(0, 1, ("s0", 0.0), ("s1", 0.0)))
-    out = build_estimator({"name": "gigpo", "gamma": 0.0, "mode": "mean_norm"}).advantages(batch, Context(step=0))
+    out = build_estimator({"name": "gigpo", "gigpo": {"gamma": 0.0, "mode": "mean_norm"}}).advantages(batch, Context(step=0))
     close(out.tokens[:, -1], [5.0, 10.0, -5.0, -10.0])
     # gamma 0.95 would credit t1's first step too: s0 {9.5, 0} -> +4.75 and t1 row 0 is 5 + 4.75
-    out = build_estimator({"name": "gigpo", "gamma": 0.95, "mode": "mean_norm"}).advantages(batch, Context(step=0))
+    out = build_estimator({"name": "gigpo", "gigpo": {"gamma": 0.95, "mode": "mean_norm"}}).advantages(batch, Context(step=0))
     close(out.tokens[:, -1], [9.75, 10.0, -9.75, -10.0])
 
 
 @pytest.mark.parametrize("stats", ["trajectory", "steps"])
 def test_omega_zero_is_exactly_the_episode_advantage(stats):
     batch = batch_of_trajs(*WORKED)
-    out = build_estimator({"name": "gigpo", "step_advantage_w": 0.0, "episode_stats": stats}).advantages(batch,
+    out = build_estimator({"name": "gigpo", "gigpo": {"step_advantage_w": 0.0, "episode_stats": stats}}).advantages(batch,
                                                                                                         Context(step=0))
     assert torch.equal(out.tokens, per_token(out.trajectories, batch))
     if stats == "trajectory":  # the paper's Eq. 3 is GRPO's Eq. 1 (unbiased std, eps 1e-6)
         grpo = build_estimator({"name": "grpo"}).advantages(batch, Context(step=0))
         torch.testing.assert_close(out.tokens, grpo.tokens, atol=1e-6, rtol=0)
+
+
+def test_similarity_anchors_cluster_greedily_against_each_clusters_first_member():
+    """difflib ratio = 2 M / (|a| + |b|), M the matched characters. "abcd" vs "abce": M = 3 -> 6/8 = 0.75;
+    "xbce" vs "abcd": M = 2 ("bc") -> 0.5; "xbce" vs "abce": 0.75; "abcd" vs "wxyz": 0.
+    At 0.7 rows (abcd, abce, xbce, abcd) give clusters {abcd, abce, abcd} and {xbce}: "xbce" is compared with the
+    cluster's representative "abcd" (0.5), not with "abce" (0.75), as the reference's enable_similarity does.
+    At 0.8 (and at 1.0, exact) every distinct string is its own cluster."""
+    groups = torch.zeros(4, dtype=torch.long)
+    keys = ["abcd", "abce", "xbce", "abcd"]
+    index, sizes = anchor_groups(groups, keys, 0.7)
+    assert index.tolist() == [0, 0, 1, 0] and sizes.tolist() == [3, 1]
+    for exact in (0.8, 1.0):
+        index, sizes = anchor_groups(groups, keys, exact)
+        assert index.tolist() == [0, 1, 2, 0] and sizes.tolist() == [2, 1, 1]
+    # another episode group never joins: (abcd in group 1) is its own cluster
+    index, _ = anchor_groups(torch.tensor([0, 0, 1]), ["abcd", "abce", "abcd"], 0.7)
+    assert index.tolist() == [0, 0, 1]
+    # A^S over the 0.7 clusters, mean_norm: returns (1, 2, 5, 3) -> cluster {1, 2, 3} mean 2: (-1, 0, -, +1); xbce alone 0
+    close(step_advantages(torch.tensor([1.0, 2.0, 5.0, 3.0]), groups, keys, "mean_norm", similarity=0.7),
+          [-1.0, 0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="text observations"):
+        anchor_groups(torch.zeros(2, dtype=torch.long), [("a",), ("a",)], 0.9)
+
+
+def test_the_similarity_is_the_environments_unless_gigpo_sets_its_own():
+    est = build_estimator({"name": "gigpo"})
+    est.setup(None, Services(anchor_similarity=0.9))
+    assert est.similarity == 0.9
+    est = build_estimator({"name": "gigpo", "gigpo": {"similarity_thresh": 1.0}})
+    est.setup(None, Services(anchor_similarity=0.9))
+    assert est.similarity == 1.0
+    with pytest.raises(ValueError, match="env.anchor_similarity=0"):
+        build_estimator({"name": "gigpo"}).setup(None, Services(anchor_similarity=0))
+    # the protocols: ALFWorld's text observations repeat exactly; Search-QA's passages are clustered at 0.9
+    assert heat_cpu_cfg("algorithm=gigpo").env.anchor_similarity == 1.0
+    assert heat_cpu_cfg("experiment=searchqa", "algorithm=gigpo").env.anchor_similarity == 0.9
+
+
+def test_gigpos_knobs_reach_it_as_another_estimators_base():
+    """algorithm.gigpo.* is the same node under algorithm=gigpo and under StepOPSD / RLSD / SDAR with base=gigpo."""
+    for name in ("stepopsd", "rlsd", "sdar"):
+        _, est, _ = check_config(heat_cpu_cfg(f"algorithm={name}", "algorithm.base=gigpo", "algorithm.gigpo.gamma=0.5",
+                                              "algorithm.gigpo.mode=mean_norm"))
+        assert isinstance(est.base, GiGPO) and (est.base.knobs.gamma, est.base.knobs.mode) == (0.5, "mean_norm")
+    with pytest.raises(ConfigError, match="algorithm.gigpo.gamma=2.0"):
+        check_config(heat_cpu_cfg("algorithm=stepopsd", "algorithm.base=gigpo", "algorithm.gigpo.gamma=2"))
 
 
 def test_as_stepopsds_base_with_lambda_zero_it_is_gigpo_with_its_defaults():
@@ -192,7 +239,7 @@ def test_a_row_without_action_tokens_gets_no_advantage_but_still_counts():
     compared with t1's (mean 5)."""
     batch = batch_of_trajs(traj(0, 0, ("s0", 0.0), ("s1", 10.0, 0)), traj(0, 1, ("s0", 0.0), ("s1", 0.0)))
     assert batch.loss_mask[1].sum() == 0
-    out = build_estimator({"name": "gigpo", "gamma": 0.0, "mode": "mean_norm"}).advantages(batch, Context(step=0))
+    out = build_estimator({"name": "gigpo", "gigpo": {"gamma": 0.0, "mode": "mean_norm"}}).advantages(batch, Context(step=0))
     assert torch.all(out.tokens[1] == 0) and torch.all(out.tokens[~batch.loss_mask.bool()] == 0)
     close(out.tokens.sum(1) / batch.loss_mask.sum(1).clamp(min=1), [5.0, 0.0, -5.0, -10.0])
 
@@ -203,32 +250,34 @@ def test_a_batch_without_its_trajectory_records_is_refused():
 
 
 @pytest.mark.parametrize("knobs, expected", [
-    ({"gamma": 1.5}, "algorithm.gamma=1.5: the discount must be in [0, 1]"),
-    ({"gamma": -0.1}, "algorithm.gamma=-0.1"),
-    ({"gamma": "high"}, "algorithm.gamma='high': need a finite number"),
-    ({"step_advantage_w": -1.0}, "algorithm.step_advantage_w=-1.0: the step-advantage weight must be >= 0"),
-    ({"step_advantage_w": float("nan")}, "algorithm.step_advantage_w=nan"),
-    ({"mode": "std_norm"}, "algorithm.mode='std_norm': choose one of mean_std_norm, mean_norm"),
-    ({"episode_stats": "rows"}, "algorithm.episode_stats='rows': choose one of trajectory, steps"),
+    ({"gamma": 1.5}, "algorithm.gigpo.gamma=1.5: the discount must be in [0, 1]"),
+    ({"gamma": -0.1}, "algorithm.gigpo.gamma=-0.1"),
+    ({"gamma": "high"}, "algorithm.gigpo.gamma='high': need a finite number"),
+    ({"step_advantage_w": -1.0}, "algorithm.gigpo.step_advantage_w=-1.0: the step-advantage weight must be >= 0"),
+    ({"step_advantage_w": float("nan")}, "algorithm.gigpo.step_advantage_w=nan"),
+    ({"mode": "std_norm"}, "algorithm.gigpo.mode='std_norm': choose one of mean_std_norm, mean_norm"),
+    ({"episode_stats": "rows"}, "algorithm.gigpo.episode_stats='rows': choose one of trajectory, steps"),
+    ({"similarity_thresh": 0.0}, "algorithm.gigpo.similarity_thresh=0.0: need a similarity ratio in (0, 1]"),
+    ({"similarity_thresh": 1.5}, "algorithm.gigpo.similarity_thresh=1.5"),
 ])
 def test_invalid_knobs_are_one_line_value_errors(knobs, expected):
     with pytest.raises(ValueError) as e:
-        build_estimator({"name": "gigpo", **knobs})
+        build_estimator({"name": "gigpo", "gigpo": knobs})
     assert expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_defaults_and_algorithm_gigpo_composes():
     est = build_estimator({"name": "gigpo"})  # knobs absent (another estimator's base): the schema's defaults
-    assert (est.gamma, est.step_advantage_w, est.mode, est.episode_stats) == (0.95, 1.0, "mean_std_norm", "trajectory")
+    assert est.knobs == GiGPOKnobs(0.95, 1.0, "mean_std_norm", "trajectory", None) and est.similarity == 1.0
     cfg = heat_cpu_cfg("algorithm=gigpo")
-    assert cfg.algorithm.name == "gigpo" and cfg.algorithm.gamma == GiGPOConfig.gamma
+    assert cfg.algorithm.name == "gigpo" and cfg.algorithm.gigpo.gamma == GiGPOKnobs.gamma
     _, est, _ = check_config(cfg)
-    assert isinstance(est, GiGPO) and est.mode == "mean_std_norm"
-    _, est, _ = check_config(heat_cpu_cfg("algorithm=gigpo", "algorithm.mode=mean_norm",
-                                          "algorithm.episode_stats=steps"))
-    assert (est.mode, est.episode_stats) == ("mean_norm", "steps")
-    with pytest.raises(ConfigError, match="algorithm.gamma=2.0") as e:
-        check_config(heat_cpu_cfg("algorithm=gigpo", "algorithm.gamma=2"))
+    assert isinstance(est, GiGPO) and est.knobs.mode == "mean_std_norm"
+    _, est, _ = check_config(heat_cpu_cfg("algorithm=gigpo", "algorithm.gigpo.mode=mean_norm",
+                                          "algorithm.gigpo.episode_stats=steps"))
+    assert (est.knobs.mode, est.knobs.episode_stats) == ("mean_norm", "steps")
+    with pytest.raises(ConfigError, match="algorithm.gigpo.gamma=2.0") as e:
+        check_config(heat_cpu_cfg("algorithm=gigpo", "algorithm.gigpo.gamma=2"))
     assert "\n" not in str(e.value)
 
 

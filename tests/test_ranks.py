@@ -11,6 +11,7 @@ weigh a short rank's tokens more. Two layouts: one optimizer step over all rows,
 import os
 import re
 
+import pytest
 import torch
 
 from stepopsd.algorithms.grpo import AGGREGATIONS
@@ -182,3 +183,116 @@ def test_one_broken_rank_stops_both_ranks_with_one_line(generated_games, tmp_pat
     assert lines[0].startswith("train.py: error: training step 1: rank 1:") and "max_failed_fraction" in lines[0]
     assert "Traceback" not in proc.stderr
     assert seconds < 240  # a hang would wait for the 30-minute process-group timeout
+
+
+# --- an estimator's loss term and its teacher fallback under several ranks (issue 21) --------------------------------
+
+DISTILL = {"sdar": (0.5, 5.0, 1.0), "opsd": (1.0, 5.0, 0.0)}  # (coef, gate_beta, pg_coef): SDAR-like, OPSD-like
+
+
+def _distill_batch(rank: int, term: tuple):
+    """The uneven rows of rank `rank` with a teacher's log-probs on every response token (the target span) and the
+    estimator's loss term, as the advantage stage hands them to the update."""
+    import dataclasses
+
+    from stepopsd.algorithms.distill import DistillTerm
+
+    batch = synthetic_batch(VOCAB, ROWS[rank], seed=rank)
+    g = torch.Generator().manual_seed(10 + rank)
+    teacher = (batch.rollout_logp + torch.randn(batch.rollout_logp.shape, generator=g)) * batch.loss_mask
+    return dataclasses.replace(batch, step_ids=torch.where(batch.loss_mask > 0, 0, -1), teacher_logp=teacher,
+                               distill=DistillTerm(*term))
+
+
+def _distill_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stepopsd.estimators import Context, Services, build_estimator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {}
+        for name, term in DISTILL.items():
+            for agg in ("token_mean", "seq_mean_token_sum_norm"):
+                module = _module(agg, LAYOUTS["two_steps"])
+                module.policy = DistributedDataParallel(module.policy)
+                metrics = module.update(_distill_batch(rank, term), module.configure_optimizers()["optimizer"])
+                losses = metrics["actor/distill_loss"]  # per mini-batch, this rank's share x world
+                result[name, agg] = (_weights(module), sum(losses) / len(losses))
+        # the teacher pass fails on rank 1 alone (a context too long, out of memory): both ranks fall back together
+        est = build_estimator({"name": "sdar"})
+        est.setup(torch.nn.Linear(2, 2), Services())
+
+        def score(teacher):
+            if rank == 1:
+                raise RuntimeError("out of memory on rank 1\nmore detail")
+            return "scored"
+
+        outcome, error, metrics = est.with_teacher(Context(step=3, policy=torch.nn.Linear(2, 2)), score)
+        result["fallback"] = (outcome, error, {k: v for k, v in metrics.items() if not k.startswith("time/")})
+        torch.save(result, os.path.join(out, f"distill{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _union_distill_update(agg: str, term: tuple) -> tuple[list[torch.Tensor], float]:
+    """One process: the same update on the union of both ranks' rows (as `_union_update`), with the loss term."""
+    import dataclasses
+
+    from stepopsd.data.batch import RolloutBatch
+
+    parts = [_distill_batch(r, term) for r in (0, 1)]
+    width = max(b.input_ids.shape[1] for b in parts)
+
+    def joined(name: str):
+        values = [getattr(b, name) for b in parts]
+        if not isinstance(values[0], torch.Tensor):
+            return values[0]
+        fill = -1 if name == "step_ids" else 0
+        return torch.cat([torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill) if v.dim() == 2 else v
+                          for v in values])
+
+    union = RolloutBatch(**{f.name: joined(f.name) for f in dataclasses.fields(RolloutBatch)})
+    mini = LAYOUTS["two_steps"]
+    steps = -(-sum(len(v) for v in ROWS.values()) // mini)
+    splits = [torch.tensor_split(torch.randperm(len(ROWS[r]), generator=torch.Generator().manual_seed(0)), steps)
+              for r in (0, 1)]
+    module = _module(agg, mini)
+    opt = module.configure_optimizers()["optimizer"]
+    distill = []
+    for i in range(steps):
+        opt.zero_grad(set_to_none=True)
+        parts_i = module.accumulate(union, torch.cat([splits[0][i], splits[1][i] + len(ROWS[0])]))
+        distill.append(float(parts_i["distill_loss"]))
+        module._clip_gradients()
+        opt.step()
+    return _weights(module), sum(distill) / len(distill)
+
+
+def test_an_estimators_loss_term_and_teacher_fallback_agree_across_uneven_ranks(tmp_path):
+    """SDAR's and OPSD's self-distillation term under DDP with rank 0 holding 96 target tokens and rank 1 nine:
+    the weights after the update equal one process's on the union of the rows (the term is normalised by the
+    union's count, like the surrogate); the ranks' mean of the logged distill loss (what `sync_dist` logs) is the
+    union's. A teacher pass that fails on rank 1
+    alone makes both ranks fall back for the batch, with the same error line and the same metrics."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distill_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"distill{r}.pt") for r in (0, 1))
+    start = _weights(_module("token_mean", 16))
+    for name, term in DISTILL.items():
+        for agg in ("token_mean", "seq_mean_token_sum_norm"):
+            union, union_loss = _union_distill_update(agg, term)
+            moved = max((u - s).abs().max().item() for u, s in zip(union, start))
+            assert moved > 1e-4, (name, agg)
+            for got in (zero, one):
+                diff = max((w - u).abs().max().item() for w, u in zip(got[name, agg][0], union))
+                assert diff <= 1e-3 * moved, (name, agg, diff, moved)
+            assert zero[name, agg][1] != pytest.approx(one[name, agg][1], rel=1e-3)  # the ranks' shares differ
+            assert (zero[name, agg][1] + one[name, agg][1]) / 2 == pytest.approx(union_loss, rel=1e-4), (name, agg)
+    assert zero["fallback"] == one["fallback"]
+    outcome, error, metrics = zero["fallback"]
+    assert outcome is None and error == "rank 1: RuntimeError: out of memory on rank 1"
+    assert metrics["sdar/rescoring_failed"] == 1.0 and metrics["sdar/teacher_age"] == 3

@@ -41,6 +41,7 @@ class EnvConfig:
     success_metric: str = "success"  # what validation reports per task type (or data source)
     target_span: str = "action_only"  # the tokens of a step trained on (spec §5), for every algorithm
     peer_budget_tokens: int = 512  # token budget of the peer trajectory in a hindsight block (spec §6)
+    anchor_similarity: float = 1.0  # when two steps' observations are one state (GiGPO's anchors): 1.0 identical text
 
 
 class EnvSpec:
@@ -48,6 +49,7 @@ class EnvSpec:
 
     name: str = ""
     config: type = EnvConfig  # the schema of its `env` config node: knobs, types, defaults
+    hindsight_demonstrations: bool = False  # its `demonstrations` add teacher-format records (`sft.hindsight_examples`)
 
     def check(self, cfg) -> None:
         """The environment's own knobs (`cfg.env`), before any work: ValueError, one line."""
@@ -91,7 +93,9 @@ class EnvSpec:
 
     def demonstrations(self, sft, path: str, workers: int | None, log) -> tuple[list[dict], list[str], str, str]:
         """Expert demonstrations from the training tasks of `sft.data`, for the tiny policy's SFT, written to `path`
-        (JSONL): (records of {"prompt", "response"}, extra tokenizer texts, an example peer block, data label)."""
+        (JSONL): (records of {"prompt", "response"}, extra tokenizer texts, an example peer block, data label). With
+        `hindsight_demonstrations`, records may also be in the teacher's format: {"prompt", "response", "target":
+        [start, end) of the action in the response, "hindsight": {"success", "peer": lines or None}} (`stepopsd.sft`)."""
         raise NotImplementedError
 
 

@@ -54,12 +54,13 @@ class Advantages:
 
 @dataclass(frozen=True)
 class Services:
-    """What the run gives an estimator at `setup` (only teacher-shaped estimators use it)."""
+    """What the run gives an estimator at `setup` (teacher-shaped estimators, and GiGPO's anchor similarity)."""
 
     tokenizer: Any = None
     temperature: float = 1.0  # the rollout's sampling temperature (log-probs are taken at it)
     peer_lines: Callable | None = None  # the environment's peer serialisation for hindsight blocks (spec §6)
     frozen_dtype: torch.dtype | None = None  # dtype of frozen copies (a teacher snapshot)
+    anchor_similarity: float = 1.0  # the environment's `env.anchor_similarity` (GiGPO's anchor-state groups)
 
 
 @dataclass(frozen=True)

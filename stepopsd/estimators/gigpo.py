@@ -26,8 +26,8 @@ Two nested groupings give every step row an advantage, critic-free:
   statistics: the step was taken).
 
 The anchor key is `StepRecord.observation`, the environment's observation the step acted on as the env spec defines
-it (`EnvState.observation`), compared by exact string equality (the reference's default; its optional
-`enable_similarity` clustering by difflib ratio is not implemented here).
+it (`EnvState.observation`), compared by exact string equality (the reference's default) or, with a similarity
+below 1, clustered by difflib ratio (the reference's `enable_similarity`, `anchor_groups`).
   ALFWorld   the engine's text observation of the current state (the room description after reset, then the
              feedback of the last command), without the admissible commands, the history or the prompt template,
              as the reference's `text_obs`. Steps of a group share the reset observation, and revisited rooms
@@ -35,13 +35,14 @@ it (`EnvState.observation`), compared by exact string equality (the reference's 
              happens." and those steps share one anchor whatever the room, as in the reference.
   Search-QA  the question is the goal, not the observation: the first step's observation is "" for every member
              (one anchor group: the question), later steps' is the `<information>` passages the last search
-             retrieved, which repeat only when two members' searches returned the same passages, and steps after an
-             invalid action share the env's invalid-action message. Exact matching is kept as is (generic); beyond
-             the first step most anchor groups are singletons, A^S = 0 there, and GiGPO is then close to GRPO with
-             a step-level term on the first step (the reference's Search script clusters by similarity >= 0.9
-             instead; `gigpo/anchor_group_frac` shows how much step-level signal a run gets).
+             retrieved, which repeat exactly only when two members' searches returned the same passages, and steps
+             after an invalid action share the env's invalid-action message. By exact matching most anchor groups
+             beyond the first step would be singletons (A^S = 0), so the Search-QA env's `anchor_similarity` is 0.9,
+             the reference Search script's clustering (`gigpo/anchor_group_frac` shows how much step-level signal
+             a run gets).
 
-Knobs (`algorithm.*`, `GiGPOConfig`), defaults from verl-agent's ALFWorld GiGPO script:
+Knobs (`algorithm.gigpo.*`, `GiGPOKnobs`; the same node under any estimator whose `algorithm.base` is gigpo),
+defaults from verl-agent's ALFWorld GiGPO script:
   gamma = 0.95              discount of the step returns (the reference yaml's own default is 1.0)
   step_advantage_w = 1.0    omega
   mode = mean_std_norm      or mean_norm (the reference yaml's default is mean_norm; its ALFWorld and Search
@@ -50,6 +51,8 @@ Knobs (`algorithm.*`, `GiGPOConfig`), defaults from verl-agent's ALFWorld GiGPO 
                             the reference code's variant (`compute_mean_std_cross_steps=True`, which its published
                             runs used): mean and std over all step rows of the group, each trajectory weighted by
                             its number of steps. Either way A^E is one value per trajectory here.
+  similarity_thresh = null  the environment's `env.anchor_similarity` (ALFWorld 1.0: exact; Search-QA 0.9, the
+                            reference's Search script); s < 1 clusters similar observations (`anchor_groups`).
 
 Rewards: our env's step reward already includes the invalid-action penalty (ALFWorld: 10 * won - 0.1 * invalid),
 so R_i = sum_k r_{i,k} carries every penalty of the trajectory and the penalty of step k is discounted into the
@@ -63,13 +66,14 @@ Metrics: `gigpo/anchor_group_frac` (share of step rows whose anchor group has >=
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from typing import Hashable, Mapping, Optional, Sequence
 
 import torch
 
 from stepopsd.data.batch import RolloutBatch
-from stepopsd.estimators import AlgorithmConfig, Advantages, Context, Estimator, register_estimator
+from stepopsd.estimators import AlgorithmConfig, Advantages, Context, Estimator, Services, register_estimator
 
 MODES = ("mean_std_norm", "mean_norm")
 EPISODE_STATS = ("trajectory", "steps")
@@ -77,26 +81,47 @@ EPS = 1e-6
 
 
 @dataclass
-class GiGPOConfig(AlgorithmConfig):
+class GiGPOKnobs:
+    """GiGPO's knobs (`algorithm.gigpo.*`, the reference's own node; also under any estimator whose `algorithm.base`
+    may be gigpo: StepOPSD, RLSD, SDAR)."""
+
     gamma: float = 0.95  # discount of the step returns R^S (verl-agent's GiGPO scripts; its yaml default is 1.0)
     step_advantage_w: float = 1.0  # omega of A = A^E + omega * A^S
     mode: str = "mean_std_norm"  # or mean_norm (no std division); the reference yaml's default is mean_norm
     episode_stats: str = "trajectory"  # the paper's Eq. 3; `steps`: verl-agent's statistics over step rows
+    # anchors: 1.0 exact equality (the paper); < 1 the reference's enable_similarity clustering at that difflib
+    # ratio; null: the environment's `env.anchor_similarity` (ALFWorld 1.0; Search-QA 0.9, verl-agent's Search script)
+    similarity_thresh: Optional[float] = None
+
+    def __post_init__(self):
+        check_knobs(self.gamma, self.step_advantage_w, self.mode, self.episode_stats, self.similarity_thresh)
 
 
-def check_knobs(gamma: float, step_advantage_w: float, mode: str, episode_stats: str) -> None:
+@dataclass
+class GiGPOConfig(AlgorithmConfig):
+    gigpo: GiGPOKnobs = field(default_factory=GiGPOKnobs)
+
+
+def check_knobs(gamma: float, step_advantage_w: float, mode: str, episode_stats: str,
+                similarity_thresh: float | None = None) -> None:
     """ValueError (one line naming the knob) for a knob GiGPO cannot use."""
     for knob, value in (("gamma", gamma), ("step_advantage_w", step_advantage_w)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"algorithm.{knob}={value!r}: need a finite number")
+            raise ValueError(f"algorithm.gigpo.{knob}={value!r}: need a finite number")
     if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"algorithm.gamma={gamma}: the discount must be in [0, 1]")
+        raise ValueError(f"algorithm.gigpo.gamma={gamma}: the discount must be in [0, 1]")
     if step_advantage_w < 0:
-        raise ValueError(f"algorithm.step_advantage_w={step_advantage_w}: the step-advantage weight must be >= 0")
+        raise ValueError(f"algorithm.gigpo.step_advantage_w={step_advantage_w}: the step-advantage weight must be >= 0")
     if mode not in MODES:
-        raise ValueError(f"algorithm.mode={mode!r}: choose one of {', '.join(MODES)}")
+        raise ValueError(f"algorithm.gigpo.mode={mode!r}: choose one of {', '.join(MODES)}")
     if episode_stats not in EPISODE_STATS:
-        raise ValueError(f"algorithm.episode_stats={episode_stats!r}: choose one of {', '.join(EPISODE_STATS)}")
+        raise ValueError(f"algorithm.gigpo.episode_stats={episode_stats!r}: choose one of {', '.join(EPISODE_STATS)}")
+    check_similarity(similarity_thresh, "algorithm.gigpo.similarity_thresh")
+
+
+def check_similarity(thresh: float | None, key: str) -> None:
+    if thresh is not None and (isinstance(thresh, bool) or not isinstance(thresh, (int, float)) or not 0 < thresh <= 1):
+        raise ValueError(f"{key}={thresh!r}: need a similarity ratio in (0, 1] (1: identical observations only)")
 
 
 def _check_mode(mode: str) -> None:
@@ -159,30 +184,54 @@ def discounted_returns(step_rewards: Sequence[Sequence[float]], gamma: float) ->
     return out
 
 
-def anchor_groups(groups: torch.Tensor, anchors: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+def anchor_groups(groups: torch.Tensor, anchors: Sequence[Hashable], similarity: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchor-state groups of N step rows: rows with the same episode group id (`groups` [N]) and the same anchor
-    key (exact equality) share one. Returns each row's anchor group index [N] (0..K-1, in order of first
-    appearance) and the K group sizes."""
+    key share one. Returns each row's anchor group index [N] (0..K-1, in order of first appearance) and the K group
+    sizes.
+
+    similarity 1.0: identical keys (exact equality). Below 1 (the reference's `enable_similarity`, text keys only):
+    within an episode group the rows are taken in order and each joins the first cluster whose representative (its
+    first member) has `difflib.SequenceMatcher(None, rep, key).ratio() >= similarity`, else opens a new cluster."""
     if groups.dim() != 1 or len(anchors) != groups.numel():
         raise ValueError(f"groups must be [N] and anchors N long; got {tuple(groups.shape)} and {len(anchors)}")
+    check_similarity(similarity, "similarity")
     ids: dict = {}
-    index = [ids.setdefault((g, a), len(ids)) for g, a in zip(groups.tolist(), anchors)]
+    if similarity >= 1.0:
+        index = [ids.setdefault((g, a), len(ids)) for g, a in zip(groups.tolist(), anchors)]
+    else:
+        reps: dict = {}  # episode group -> [(representative key, cluster id)]
+        index = []
+        for g, key in zip(groups.tolist(), anchors):
+            if not isinstance(key, str):
+                raise ValueError(f"similarity anchors compare text observations; got a {type(key).__name__} key")
+            clusters = reps.setdefault(g, [])
+            found = next((c for rep, c in clusters if rep == key or SequenceMatcher(None, rep, key).ratio() >= similarity), None)
+            if found is None:
+                found = len(ids)
+                ids[(g, len(clusters))] = found
+                clusters.append((key, found))
+            index.append(found)
     index = torch.tensor(index, dtype=torch.long, device=groups.device)
     sizes = torch.bincount(index, minlength=len(ids)) if len(ids) else torch.zeros(0, dtype=torch.long)
     return index, sizes
 
 
 def step_advantages(returns: torch.Tensor, groups: torch.Tensor, anchors: Sequence[Hashable],
-                    mode: str = "mean_std_norm", eps: float = EPS) -> torch.Tensor:
+                    mode: str = "mean_std_norm", eps: float = EPS, similarity: float = 1.0) -> torch.Tensor:
     """A^S: per-row discounted returns R^S [N], episode group ids [N] and anchor keys (N hashables, e.g. the
     observation strings) -> [N] in the returns' float dtype (float32 for integers). Within each anchor group
-    (same episode group, identical anchor): mean_std_norm (R^S - mean) / (std + eps), unbiased std; mean_norm
-    R^S - mean. A step alone in its anchor group gets 0."""
-    _check_mode(mode)
+    (same episode group, identical anchor, or similar ones: `anchor_groups`): mean_std_norm (R^S - mean) /
+    (std + eps), unbiased std; mean_norm R^S - mean. A step alone in its anchor group gets 0."""
     if returns.dim() != 1 or returns.shape != groups.shape:
         raise ValueError(f"returns and groups must both be [N]; got {tuple(returns.shape)} and {tuple(groups.shape)}")
+    return _anchored(returns, *anchor_groups(groups, anchors, similarity), mode, eps)
+
+
+def _anchored(returns: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor, mode: str, eps: float) -> torch.Tensor:
+    """`step_advantages` over anchor groups already formed (`anchor_groups`' index and sizes)."""
+    _check_mode(mode)
     out_dtype = returns.dtype if returns.is_floating_point() else torch.float32
-    index, sizes = anchor_groups(groups, anchors)
     if not returns.numel():
         return returns.to(out_dtype)
     r = returns.to(torch.float64)
@@ -195,38 +244,41 @@ class GiGPO(Estimator):
     step_level = True  # StepOPSD over GiGPO budgets the teacher's multiplier, not |A| (docs/estimators.md)
     config = GiGPOConfig
 
-    def __init__(self, gamma: float = GiGPOConfig.gamma, step_advantage_w: float = GiGPOConfig.step_advantage_w,
-                 mode: str = GiGPOConfig.mode, episode_stats: str = GiGPOConfig.episode_stats, eps: float = EPS):
-        check_knobs(gamma, step_advantage_w, mode, episode_stats)
-        self.gamma, self.step_advantage_w = float(gamma), float(step_advantage_w)
-        self.mode, self.episode_stats, self.eps = mode, episode_stats, eps
+    def __init__(self, knobs: GiGPOKnobs | None = None, eps: float = EPS):
+        self.knobs = knobs or GiGPOKnobs()
+        self.similarity = self.knobs.similarity_thresh or 1.0  # until `setup` gives the environment's
+        self.eps = eps
 
     @classmethod
     def from_config(cls, algorithm: Mapping) -> "GiGPO":
-        """Knobs absent from the node (GiGPO as another estimator's `algorithm.base`) take the schema's defaults."""
-        return cls(**{k: algorithm.get(k, getattr(GiGPOConfig, k))
-                      for k in ("gamma", "step_advantage_w", "mode", "episode_stats")})
+        """`algorithm.gigpo` (absent, as under another estimator's `algorithm.base`: the schema's defaults)."""
+        return cls(GiGPOKnobs(**algorithm.get("gigpo", {})))
+
+    def setup(self, policy, services: Services) -> None:
+        if self.knobs.similarity_thresh is None:  # the environment's notion of the same state
+            check_similarity(services.anchor_similarity, "env.anchor_similarity")
+            self.similarity = services.anchor_similarity
 
     def advantages(self, batch: RolloutBatch, ctx: Context) -> Advantages:
-        trajs = batch.trajectories
+        trajs, k = batch.trajectories, self.knobs
         if len(trajs) != batch.traj_reward.numel():
             raise ValueError(f"GiGPO needs the batch's trajectory records (step rewards, observations): "
                              f"{len(trajs)} records for {batch.traj_reward.numel()} trajectories")
         device = batch.loss_mask.device
         rows = list(zip(batch.row_traj.tolist(), batch.row_step.tolist()))
-        returns = discounted_returns([[s.transition.reward for s in t.steps] for t in trajs], self.gamma)
-        row_returns = torch.tensor([returns[m][k] for m, k in rows], dtype=torch.float64, device=device)
-        anchors = [trajs[m].steps[k].observation for m, k in rows]
+        returns = discounted_returns([[s.transition.reward for s in t.steps] for t in trajs], k.gamma)
+        row_returns = torch.tensor([returns[m][j] for m, j in rows], dtype=torch.float64, device=device)
+        anchors = [trajs[m].steps[j].observation for m, j in rows]
         row_group = batch.traj_group.to(device)[batch.row_traj.to(device)]
-        a_step = step_advantages(row_returns, row_group, anchors, self.mode, self.eps)  # [N] float64
+        index, sizes = anchor_groups(row_group, anchors, self.similarity)
+        a_step = _anchored(row_returns, index, sizes, k.mode, self.eps)  # [N] float64
         counts = None
-        if self.episode_stats == "steps":  # each trajectory weighted by its step rows (verl-agent's cross-steps)
+        if k.episode_stats == "steps":  # each trajectory weighted by its step rows (verl-agent's cross-steps)
             counts = torch.bincount(batch.row_traj, minlength=len(trajs))
-        a_ep = episode_advantages(batch.traj_reward.to(torch.float64), batch.traj_group, self.mode, self.eps,
+        a_ep = episode_advantages(batch.traj_reward.to(torch.float64), batch.traj_group, k.mode, self.eps,
                                   counts=counts)  # [M] float64
-        row_adv = a_ep.to(device)[batch.row_traj.to(device)] + self.step_advantage_w * a_step  # [N]
+        row_adv = a_ep.to(device)[batch.row_traj.to(device)] + k.step_advantage_w * a_step  # [N]
         tokens = row_adv.to(batch.loss_mask.dtype)[:, None] * batch.loss_mask
-        _, sizes = anchor_groups(row_group, anchors)
         n = max(len(rows), 1)
         metrics = {
             "gigpo/anchor_group_frac": float(sizes[sizes >= 2].sum()) / n,

@@ -31,8 +31,7 @@ from stepopsd.algorithms.distill import DistillTerm, rlsd_advantages, rlsd_lambd
 from stepopsd.algorithms.stepopsd import token_gap
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.estimators import Advantages, Context, register_estimator
-from stepopsd.estimators.outcome import GRPOConfig
-from stepopsd.estimators.teacher_shaped import TeacherShaped, base_estimator
+from stepopsd.estimators.teacher_shaped import TeacherShaped, TeacherShapedConfig
 
 
 @dataclass
@@ -66,14 +65,12 @@ class SDARKnobs:
 
 
 @dataclass
-class RLSDConfig(GRPOConfig):
-    base: str = "grpo"
+class RLSDConfig(TeacherShapedConfig):
     rlsd: RLSDKnobs = field(default_factory=RLSDKnobs)
 
 
 @dataclass
-class SDARConfig(GRPOConfig):
-    base: str = "grpo"
+class SDARConfig(TeacherShapedConfig):
     sdar: SDARKnobs = field(default_factory=SDARKnobs)
 
 
@@ -96,14 +93,9 @@ def targets(batch: RolloutBatch) -> torch.Tensor:
 class RLSD(TeacherShaped):
     config = RLSDConfig
 
-    def __init__(self, knobs: RLSDKnobs, base, *, micro_batch: int = 8):
-        super().__init__(base, teacher_refresh=knobs.teacher_refresh, micro_batch=micro_batch)
-        self.knobs = knobs
-
     @classmethod
-    def from_config(cls, algorithm: Mapping) -> "RLSD":
-        return cls(RLSDKnobs(**algorithm.get("rlsd", {})), base_estimator(algorithm, "RLSD"),
-                   micro_batch=algorithm.get("teacher", {}).get("micro_batch_rows", 8))
+    def knobs_from(cls, algorithm: Mapping) -> RLSDKnobs:
+        return RLSDKnobs(**algorithm.get("rlsd", {}))
 
     def advantages(self, batch: RolloutBatch, ctx: Context) -> Advantages:
         base = self.base.advantages(batch, ctx)
@@ -128,15 +120,10 @@ class RLSD(TeacherShaped):
 class SDAR(TeacherShaped):
     config = SDARConfig
 
-    def __init__(self, knobs: SDARKnobs, base, *, micro_batch: int = 8):
-        super().__init__(base, teacher_refresh=knobs.teacher_refresh, micro_batch=micro_batch)
-        self.knobs = knobs
-
     @classmethod
-    def from_config(cls, algorithm: Mapping) -> "SDAR":
+    def knobs_from(cls, algorithm: Mapping) -> SDARKnobs:
         defaults = dataclasses.asdict(cls.config().sdar)  # opsd / grpo_opsd: their own defaults
-        return cls(SDARKnobs(**(defaults | dict(algorithm.get("sdar", {})))), base_estimator(algorithm, cls.__name__),
-                   micro_batch=algorithm.get("teacher", {}).get("micro_batch_rows", 8))
+        return SDARKnobs(**(defaults | dict(algorithm.get("sdar", {}))))
 
     def advantages(self, batch: RolloutBatch, ctx: Context) -> Advantages:
         base = self.base.advantages(batch, ctx)

@@ -18,16 +18,14 @@ from typing import Mapping
 
 from stepopsd.algorithms.stepopsd import StepOPSDConfig
 from stepopsd.data.batch import RolloutBatch
-from stepopsd.estimators import Advantages, Context, Estimator, register_estimator
-from stepopsd.estimators.outcome import GRPOConfig
-from stepopsd.estimators.teacher_shaped import TeacherShaped, base_estimator
+from stepopsd.estimators import Advantages, Context, register_estimator
+from stepopsd.estimators.teacher_shaped import TeacherShaped, TeacherShapedConfig
 from stepopsd.hindsight import alfworld_peer_lines
 from stepopsd.teacher import rescore
 
 
 @dataclass
-class StepOPSDAlgorithm(GRPOConfig):
-    base: str = "grpo"  # the estimator whose advantages the teacher reshapes: grpo (spec), drgrpo, rloo, gigpo
+class StepOPSDAlgorithm(TeacherShapedConfig):  # base: grpo (the spec), drgrpo, rloo, gigpo
     stepopsd: StepOPSDConfig = field(default_factory=StepOPSDConfig)  # spec §6-12 (target_span and peer_budget_tokens
     # follow env.target_span and env.peer_budget_tokens, the environment's protocol: conf/algorithm/stepopsd.yaml)
 
@@ -36,25 +34,20 @@ class StepOPSDAlgorithm(GRPOConfig):
 class StepOPSD(TeacherShaped):
     config = StepOPSDAlgorithm
 
-    def __init__(self, config: StepOPSDConfig, base: Estimator, *, micro_batch: int = 8):
-        super().__init__(base, teacher_refresh=config.teacher_refresh, micro_batch=micro_batch)
-        self.config = config
-
     @classmethod
-    def from_config(cls, algorithm: Mapping) -> "StepOPSD":
-        return cls(StepOPSDConfig(**algorithm["stepopsd"]), base_estimator(algorithm, "StepOPSD"),
-                   micro_batch=algorithm.get("teacher", {}).get("micro_batch_rows", 8))
+    def knobs_from(cls, algorithm: Mapping) -> StepOPSDConfig:
+        return StepOPSDConfig(**algorithm["stepopsd"])
 
     def advantages(self, batch: RolloutBatch, ctx: Context) -> Advantages:
         base = self.base.advantages(batch, ctx)
         s, step = self.services, ctx.step  # training steps done: t of Eq. 9 and the N_ref clock
         scored, _, metrics = self.with_teacher(ctx, lambda teacher: rescore(
-            dataclasses.replace(batch, advantages=base.tokens), teacher, s.tokenizer, self.config, step,
+            dataclasses.replace(batch, advantages=base.tokens), teacher, s.tokenizer, self.knobs, step,
             pad_id=s.tokenizer.pad_token_id, temperature=s.temperature, micro_batch=self.micro_batch,
             peer_lines=s.peer_lines or alfworld_peer_lines,
             budget_on="multiplier" if self.base.step_level else "advantage"))
         if scored is None:
-            return Advantages(base.tokens, base.trajectories, base.metrics | metrics | {"stepopsd/lambda": self.config.lam(step)})
+            return Advantages(base.tokens, base.trajectories, base.metrics | metrics | {"stepopsd/lambda": self.knobs.lam(step)})
         shaped, shaping = scored
         return Advantages(shaped, base.trajectories, base.metrics | shaping | metrics)
 

@@ -10,16 +10,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from stepopsd import ranks
 from stepopsd.data.batch import RolloutBatch
 from stepopsd.estimators import Context, Estimator, Services, build_estimator, get_estimator
+from stepopsd.estimators.gigpo import GiGPOKnobs
+from stepopsd.estimators.outcome import GRPOConfig
 from stepopsd.faults import maybe_kill
 from stepopsd.hindsight import alfworld_peer_lines, hindsight_blocks
 from stepopsd.teacher import TeacherSnapshot, teacher_target_logprobs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherShapedConfig(GRPOConfig):
+    """The `algorithm` node of a teacher-shaped estimator: its base, and the base's knobs (`scale_by_std` for grpo,
+    `gigpo.*` for gigpo: the same keys as under `algorithm=grpo` / `algorithm=gigpo`)."""
+
+    base: str = "grpo"  # the estimator whose advantages the teacher reshapes: grpo, drgrpo, rloo, gigpo
+    gigpo: GiGPOKnobs = field(default_factory=GiGPOKnobs)
 
 
 def base_estimator(algorithm: Mapping, name: str) -> Estimator:
@@ -32,14 +44,26 @@ def base_estimator(algorithm: Mapping, name: str) -> Estimator:
 
 
 class TeacherShaped(Estimator):
-    def __init__(self, base: Estimator, *, teacher_refresh: int, micro_batch: int = 8):
+    """`knobs`: the estimator's own (`StepOPSDConfig`, `RLSDKnobs`, `SDARKnobs`: each has `teacher_refresh`)."""
+
+    def __init__(self, knobs, base: Estimator, *, micro_batch: int = 8):
         if micro_batch < 1:
             raise ValueError(f"algorithm.teacher.micro_batch_rows={micro_batch}: need >= 1")
-        self.base = base
-        self.teacher_refresh = teacher_refresh
+        self.knobs, self.base = knobs, base
+        self.teacher_refresh = knobs.teacher_refresh
         self.micro_batch = micro_batch  # hindsight-context rows per teacher forward pass
         self.services = Services()
         self.teacher: TeacherSnapshot | None = None
+
+    @classmethod
+    def from_config(cls, algorithm: Mapping) -> "TeacherShaped":
+        return cls(cls.knobs_from(algorithm), base_estimator(algorithm, cls.__name__),
+                   micro_batch=algorithm.get("teacher", {}).get("micro_batch_rows", 8))
+
+    @classmethod
+    def knobs_from(cls, algorithm: Mapping):
+        """The estimator's own knobs from its `algorithm` node (ValueError, one line, for a bad one)."""
+        raise NotImplementedError
 
     def setup(self, policy, services: Services) -> None:
         self.services = services

@@ -33,6 +33,7 @@ class SearchConfig(EnvConfig):
     success_metric: str = "em"  # validation reports exact match per data source
     target_span: str = "clean_step_no_observation"  # the step's text without the <information> the env inserted
     peer_budget_tokens: int = 1024
+    anchor_similarity: float = 0.9  # retrieved passages rarely repeat exactly: verl-agent's GiGPO Search script
     topk: int = 3
     invalid_penalty: float = 0.01
     retriever: RetrieverKnobs = field(default_factory=RetrieverKnobs)
