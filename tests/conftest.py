@@ -59,3 +59,20 @@ def tiny_study(generated_games, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"storage": f"sqlite:///{out}/study.db", "study_name": "tiny", "multirun_dir": str(out / "multirun"),
             "stdout": proc.stdout}
+
+
+@pytest.fixture(scope="session")
+def tiny_multirun(generated_games, tmp_path_factory):
+    """4 real tiny runs sharing one SFT warm start (paths.cache_dir), made by one Hydra multirun
+    (`train.py -m experiment=alfworld_heat machine=cpu algorithm=grpo,stepopsd seed=0,1`, 2 training steps,
+    validation at every step: the basic launcher runs the 4 jobs one after another in one process, about 30 s
+    instead of 4 x 25 s of separate processes); returns the sweep folder (jobs 0-3)."""
+    from helpers.runs import run_train, tiny_overrides
+
+    out = tmp_path_factory.mktemp("tiny-multirun")
+    cache = tmp_path_factory.getbasetemp() / "tiny-cache"
+    tiny = [o for o in tiny_overrides(str(generated_games[0]), cache, out) if not o.startswith("hydra.run.dir")]
+    proc = run_train("-m", "experiment=alfworld_heat", "machine=cpu", "algorithm=grpo,stepopsd", "seed=0,1", *tiny,
+                     f"hydra.sweep.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -140,10 +140,23 @@ def test_curves_and_task_bars_draw_the_means_with_their_errors_and_say_generated
     runs = toy_runs(tmp_path)
     ax = A.curves(runs, "val_generated/valid_seen/success")
     assert "(generated games" in ax.get_title() and ax.get_xlabel() == "training step"
-    assert [line.get_label() for line in ax.lines] == ["grpo (n=3)", "stepopsd (n=3)"]
-    assert [line.get_ydata().tolist() for line in ax.lines] == [pytest.approx([0.0, 0.2]), pytest.approx([0.0, 0.4])]
-    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # grpo: mean +- SE at step 2
-    assert band.max() == pytest.approx(0.2 + 0.057735, abs=1e-6) and band.min() == pytest.approx(0.0)
+    # two measured steps (0 and 2): markers with ± SE bars and no line between them (nothing was measured at step
+    # 1), the two arms dodged apart by ±0.02 x the step span (2), the y-axis from 0
+    assert [c.get_label() for c in ax.containers] == ["grpo (n=3)", "stepopsd (n=3)"]
+    marks = [c.lines[0] for c in ax.containers]
+    assert [m.get_linestyle() for m in marks] == ["None", "None"]
+    assert [m.get_ydata().tolist() for m in marks] == [pytest.approx([0.0, 0.2]), pytest.approx([0.0, 0.4])]
+    assert [m.get_xdata().tolist() for m in marks] == [pytest.approx([-0.02, 1.98]), pytest.approx([0.02, 2.02])]
+    bar = ax.containers[0].lines[2][0].get_segments()[1]  # grpo at step 2: 0.2 ± 0.1/sqrt(3)
+    assert bar[:, 1].tolist() == pytest.approx([0.2 - 0.057735, 0.2 + 0.057735], abs=1e-6)
+    assert ax.get_ylim()[0] == 0
+    three = A.runs_frame([write_run(tmp_path / f"c{s}", HEADER + f",,0,,,0.0\n,,1,,,{v}\n,,2,,,0.5\n", seed=s)
+                          for s, v in ((0, 0.25), (1, 0.75))])
+    ax = A.curves(three, "val_generated/valid_seen/success")  # 3 measured steps: a line through marked points
+    (line,) = ax.lines
+    assert line.get_marker() == "o" and line.get_ydata().tolist() == pytest.approx([0.0, 0.5, 0.5])
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # mean ± SE: step 1 has 0.5 ± 0.353553/sqrt(2) = 0.25
+    assert band.max() == pytest.approx(0.75) and band.min() == pytest.approx(0.0) and ax.get_ylim()[0] == 0
     heat = HEADER.replace("success\n", "success,val_generated/valid_seen/success_heat\n")
     bars = A.runs_frame([write_run(tmp_path / f"b{s}", heat + f",,1,,,0.5,{v}\n", seed=s) for s, v in ((0, 0.25), (1, 0.75))])
     ax = A.task_bars(bars)
@@ -188,13 +201,120 @@ def test_study_frame_and_the_heatmap_annotate_mean_and_spread_over_seeds(scheme,
     # (0.05, 0.1): 0.2, 0.4 -> mean 0.3, sd 0.141421, SE 0.1; (0.2, 0.1): the crashed seed's None dropped, n = 1
     assert cells.loc[(0.05, 0.1)].tolist() == pytest.approx([0.3, 0.1, 2])
     assert cells.loc[(0.2, 0.1), "n"] == 1 and math.isnan(cells.loc[(0.2, 0.1), "se"])
-    ax = A.heatmap(study, "generated games")
+    ax = A.heatmap(study, "generated games", metric="val_generated/valid_seen/success")
     texts = sorted(t.get_text() for t in ax.texts)
     assert texts == ["0.100\n± n/a (n=1)", "0.300\n± 0.100 (n=2)", "0.500\n± 0.000 (n=2)", "0.700\n± 0.100 (n=2)"]
     assert "(generated games)" in ax.get_title() and ax.get_xlabel() == A.ALPHA
+    colourbar = ax.figure.axes[-1]  # labelled with the metric, its scale from 0 (every mean is >= 0)
+    assert colourbar.get_ylabel() == "val_generated/valid_seen/success" and ax.images[0].get_clim()[0] == 0
 
 
 def test_a_missing_study_file_says_to_pass_the_storage_url(tmp_path):
     with pytest.raises(FileNotFoundError, match="hydra.sweeper.storage"):
         A.study_frame(f"sqlite:///{tmp_path}/none.db", "toy")
     assert not (tmp_path / "none.db").exists()  # reading never creates an empty study file
+
+
+def test_paired_gives_its_t_interval_and_the_equivalence_test_and_says_them(tmp_path):
+    finals = A.final(toy_runs(tmp_path), "val_generated/valid_seen/success")
+    res = A.paired(finals, "grpo", "stepopsd", delta=0.5)
+    # d = 0.1, 0.2, 0.3 (test_analysis_stats.py works these out): 95 % CI 0.2 ± 4.302653·0.057735 = [-0.0484, 0.4484];
+    # TOST within ±0.5: p_lower = 0.003367, p_upper = 0.017549 -> p = 0.017549
+    assert res["ci"] == pytest.approx((-0.048414, 0.448414), abs=1e-6) and res["sd"] == pytest.approx(0.1)
+    assert [res["tost"]["p_lower"], res["tost"]["p"]] == pytest.approx([0.003367, 0.017549], abs=1e-6)
+    text = A.paired_text(res, "m", "generated games")
+    assert "95 % CI [-0.0484, +0.4484]" in text
+    assert text.endswith("p = 0.074: not significant at 0.05; equivalence (TOST) within ±0.5: p = 0.018 (equivalent at 0.05)")
+
+
+def test_runs_of_one_seed_are_averaged_into_one_value_before_the_paired_test(tmp_path):
+    finals = A.final(toy_runs(tmp_path), "val_generated/valid_seen/success")
+    again = finals[finals.arm == "grpo"].assign(value=lambda d: d["value"] + 0.2, run_dir=lambda d: d["run_dir"] + "-rerun")
+    both = pd.concat([finals, again])  # grpo seeds 0-2 run twice: 0.1/0.3, 0.2/0.4, 0.3/0.5
+    with pytest.raises(ValueError, match="per_seed"):
+        A.paired(both, "grpo", "stepopsd")
+    seeds = A.per_seed(both, "arm")
+    grpo = seeds[seeds.arm == "grpo"]
+    assert grpo["value"].tolist() == pytest.approx([0.2, 0.3, 0.4]) and grpo["runs"].tolist() == [2, 2, 2]
+    res = A.paired(seeds, "grpo", "stepopsd")  # d = 0.0, 0.1, 0.2 on 3 seeds (not 6 runs): mean 0.1, SE 0.057735
+    assert (res["n"], res["mean_diff"], res["se"]) == (3, pytest.approx(0.1), pytest.approx(0.057735, abs=1e-6))
+
+
+def test_cells_count_a_retried_trial_on_the_same_seeds_once():
+    study = pd.DataFrame([
+        {"number": 0, "state": "COMPLETE", "value": 0.3, A.ALPHA: 0.05, A.LAM: 0.1, "seeds": [0, 1], "seed_values": [0.2, 0.4]},
+        {"number": 1, "state": "COMPLETE", "value": 0.5, A.ALPHA: 0.05, A.LAM: 0.1, "seeds": [0, 1], "seed_values": [0.4, 0.6]},
+        {"number": 2, "state": "COMPLETE", "value": 0.7, A.ALPHA: 0.2, A.LAM: 0.1, "seeds": None, "seed_values": None}])
+    c = A.cells(study).set_index([A.ALPHA, A.LAM])
+    # seed 0: (0.2 + 0.4)/2 = 0.3, seed 1: (0.4 + 0.6)/2 = 0.5 -> mean 0.4, SD 0.141421, SE 0.1, n = 2 seeds (not 4)
+    assert c.loc[(0.05, 0.1)].tolist() == pytest.approx([0.4, 0.1, 2])
+    assert c.loc[(0.2, 0.1), "n"] == 1  # no per-seed values stored: the trial's value, one unit
+
+
+def test_collect_copies_a_run_into_the_committed_layout_that_reads_back_the_same(tmp_path):
+    run = write_run(tmp_path / "outputs" / "job", overrides=["algorithm.stepopsd.budget_clip=null", "seed=3"],
+                    seed=3, budget_clip=None)
+    dest = A.collect_run(run, str(tmp_path / "study" / "runs" / "heat"))
+    assert os.path.relpath(dest, tmp_path) == os.path.join("study", "runs", "heat", "stepopsd_budget_clip=null", "seed3")
+    assert sorted(os.listdir(dest)) == sorted(A.COMMITTED) and A.is_committed_run(dest)
+    assert A.run_info(dest) | {"run_dir": None} == A.run_info(run) | {"run_dir": None}
+    assert A.run_frame(dest).equals(A.run_frame(run)) and A.resolved_config(dest) == A.resolved_config(run)
+    assert A.find_runs(str(tmp_path / "study" / "runs" / "heat" / "*" / "seed*")) == [dest]
+    assert A.collect(str(tmp_path / "outputs" / "*"), str(tmp_path / "study" / "runs" / "heat")) == {run: dest}  # again: a no-op
+    other = write_run(tmp_path / "outputs2" / "job", HEADER + ",,0,,,0.75\n", overrides=["algorithm.stepopsd.budget_clip=null"],
+                      seed=3, budget_clip=None)
+    with pytest.raises(FileExistsError, match="another run of arm 'stepopsd budget_clip=null', seed 3"):
+        A.collect_run(other, str(tmp_path / "study" / "runs" / "heat"))
+    A.collect_run(other, str(tmp_path / "study" / "runs" / "heat"), replace=True)
+    assert A.run_frame(dest)["value"].tolist() == [0.75]
+
+
+def test_a_config_with_hydra_interpolations_is_resolved_from_the_runs_own_hydra_yaml(tmp_path):
+    run = write_run(tmp_path / "job")
+    cfg = tmp_path / "job" / ".hydra" / "config.yaml"
+    cfg.write_text(cfg.read_text() + "paths:\n  output_dir: ${hydra:runtime.output_dir}\n  log: ${paths.output_dir}/log\n")
+    hydra = tmp_path / "job" / ".hydra" / "hydra.yaml"
+    hydra.write_text(yaml.safe_dump({"hydra": {"runtime": {"output_dir": "/somewhere/job", "choices": {
+        "experiment": "alfworld_heat", "env": "alfworld"}}}}))
+    assert A.resolved_config(run)["paths"] == {"output_dir": "/somewhere/job", "log": "/somewhere/job/log"}
+
+
+def test_a_study_exported_to_json_reads_back_as_the_study_with_its_committed_runs(tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    make_study(storage)
+    path = str(tmp_path / "study" / "runs" / "heat" / "study.json")
+    A.export_study(storage, "toy", path)
+    exported, original = A.study_frame(path), A.study_frame(storage, "toy")
+    columns = ["number", "state", "value", A.ALPHA, A.LAM, "seeds", "seed_values"]
+    assert exported[columns].astype(str).equals(original[columns].astype(str))
+    assert exported.attrs == {"direction": "MAXIMIZE", "study_name": "toy", "optimization_results": None}
+    assert exported["runs"].tolist() == [[]] * 6  # the toy trials stored no job dirs
+    assert A.cells(exported).equals(A.cells(original))
+    with pytest.raises(ValueError, match="holds study 'toy'"):
+        A.study_frame(path, "other")
+    with pytest.raises(FileNotFoundError, match="export_study"):
+        A.study_frame(str(tmp_path / "none.json"))
+
+
+def test_blocks_of_a_readme_are_written_in_place_and_read_back(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Study\n\ntext\n")
+    A.write_block(str(readme), "summarise.py heat", "| a | b |\n")
+    assert A.read_block(str(readme), "summarise.py heat") == "| a | b |\n" and A.read_block(str(readme), "other") is None
+    readme.write_text(readme.read_text() + "\n## After\n")
+    A.write_block(str(readme), "summarise.py heat", "new\n")
+    text = readme.read_text()
+    assert A.read_block(str(readme), "summarise.py heat") == "new\n" and text.startswith("# Study\n\ntext\n")
+    assert text.endswith("<!-- END summarise.py heat -->\n\n## After\n") and "| a | b |" not in text
+
+
+def test_differences_draw_each_paired_interval_with_the_equivalence_margin(tmp_path):
+    finals = A.final(toy_runs(tmp_path), "val_generated/valid_seen/success")
+    res = A.paired(finals, "grpo", "stepopsd")
+    ax = A.differences([res, res | {"label": "again"}], "m", "generated games", delta=0.05)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["stepopsd - grpo (n=3)", "again"]
+    (bar,) = ax.containers[0].lines[2]  # 0.2 ± 4.302653·0.057735
+    assert bar.get_segments()[0][:, 0].tolist() == pytest.approx([-0.048414, 0.448414], abs=1e-6)
+    assert sorted(line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--" and len(line.get_xdata())) == \
+        pytest.approx([-0.05, 0.05])
+    assert "generated games" in ax.get_title() and "95 % t-intervals" in ax.get_title()

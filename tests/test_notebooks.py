@@ -13,21 +13,13 @@ from nbclient.exceptions import CellExecutionError
 
 from stepopsd import analysis as A
 
-from helpers.runs import ROOT, run_train, tiny_overrides
+from helpers.runs import ROOT
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(generated_games, tmp_path_factory):
-    """{(algorithm, seed): run dir} of 4 tiny runs sharing one SFT warm start (paths.cache_dir), made by one
-    Hydra multirun (`train.py -m algorithm=grpo,stepopsd seed=0,1`: the basic launcher runs the 4 jobs one
-    after another in one process, about 30 s instead of 4 x 25 s of separate processes)."""
-    games, cache = str(generated_games[0]), tmp_path_factory.getbasetemp() / "tiny-cache"
-    out = tmp_path_factory.mktemp("nb-runs")
-    tiny = [o for o in tiny_overrides(games, cache, out) if not o.startswith("hydra.run.dir")]
-    proc = run_train("-m", "experiment=alfworld_heat", "machine=cpu", "algorithm=grpo,stepopsd", "seed=0,1", *tiny,
-                     f"hydra.sweep.dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {(A.run_info(d)["algorithm"], A.run_info(d)["seed"]): d for d in A.find_runs(str(out / "*"))}
+def tiny_runs(tiny_multirun):
+    """{(algorithm, seed): run dir} of conftest's 4 tiny runs (`train.py -m algorithm=grpo,stepopsd seed=0,1`)."""
+    runs = {(A.run_info(d)["algorithm"], A.run_info(d)["seed"]): d for d in A.find_runs(str(tiny_multirun / "*"))}
     assert sorted(runs) == [("grpo", 0), ("grpo", 1), ("stepopsd", 0), ("stepopsd", 1)]
     return runs
 
@@ -91,12 +83,30 @@ def test_compare_runs_notebook(tiny_runs, tmp_path, monkeypatch):
     assert set(figures) == {"curves", "task_types"}
     runs = A.runs_frame(sorted(tiny_runs.values()))
     metric = "val_generated/valid_seen/success"
-    res = A.paired(A.final(runs, metric), "grpo", "stepopsd")
+    res = A.paired(A.per_seed(A.final(runs, metric), "arm"), "grpo", "stepopsd", delta=0.05)
     assert res["n"] == 2
     assert A.paired_text(res, metric, "generated games") in texts(nb)
     monkeypatch.delenv("STEPOPSD_EXPERIMENT")
     with pytest.raises(CellExecutionError, match="set STEPOPSD_EXPERIMENT to one of them"):
         execute("compare_runs", tmp_path, monkeypatch, backend="Agg", STEPOPSD_RUNS=spec)
+
+
+def test_compare_runs_and_read_run_read_a_studys_committed_runs_by_default(tiny_runs, tmp_path, monkeypatch):
+    study = tmp_path / "study"
+    copies = A.collect(os.pathsep.join(tiny_runs.values()), str(study / "runs" / "heat"))
+    monkeypatch.delenv("STEPOPSD_RUNS", raising=False)
+    nb, figures = execute("compare_runs", tmp_path, monkeypatch, backend="Agg", STEPOPSD_STUDY=str(study),
+                          STEPOPSD_SETTING="heat")
+    assert set(figures) == {"curves", "task_types"}
+    runs = A.runs_frame(sorted(copies.values()))
+    metric = "val_generated/valid_seen/success"
+    res = A.paired(A.per_seed(A.final(runs, metric), "arm"), "grpo", "stepopsd", delta=0.05)
+    assert A.paired_text(res, metric, "generated games") in texts(nb)
+    nb, _ = execute("read_run", tmp_path, monkeypatch, backend="Agg", STEPOPSD_RUN=copies[tiny_runs["stepopsd", 1]])
+    assert "alfworld_heat" in texts(nb) and "val_generated/valid_seen/success" in texts(nb)
+    (tmp_path / "empty").mkdir()  # a study whose runs are not committed says so
+    with pytest.raises(CellExecutionError, match="no committed runs under"):
+        execute("compare_runs", tmp_path, monkeypatch, backend="Agg", STEPOPSD_STUDY=str(tmp_path / "empty"))
 
 
 def test_two_knob_notebook(tiny_study, tmp_path, monkeypatch):
@@ -110,3 +120,13 @@ def test_two_knob_notebook(tiny_study, tmp_path, monkeypatch):
     assert f"best trial {best['number']}: {A.ALPHA}={best[A.ALPHA]:g}, {A.LAM}={best[A.LAM]:g}" in out
     assert "on generated games" in out  # the data label read from the trials' own runs
     assert "best_params" in out  # the sweeper's optimization_results.yaml, shown next to the table
+
+
+def test_two_knob_notebook_on_a_committed_study_export(tiny_study, tmp_path, monkeypatch):
+    path = A.collect_study(tiny_study["storage"], tiny_study["study_name"], str(tmp_path / "study" / "runs" / "heat"))
+    monkeypatch.delenv("STEPOPSD_STUDY_NAME", raising=False)
+    nb, figures = execute("two_knob", tmp_path, monkeypatch, backend="Agg", STEPOPSD_STUDY_STORAGE=path)
+    assert set(figures) == {"two_knob"}
+    out = texts(nb)
+    assert "on generated games" in out and "best_params" in out  # the data label from the committed runs; the record
+    assert "best trial" in out and tiny_study["study_name"] in out

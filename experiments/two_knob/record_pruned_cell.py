@@ -1,6 +1,8 @@
 """Record the cell that the pre-fix sweeper wrongly marked PRUNED (trial 5, alpha_clip 0.2, lam0 0.05) as a
 COMPLETE trial, its value read from its two runs' metrics.csv (the last validation of each), so the study and
-its heatmap hold all 9 cells. Run once: `python experiments/two_knob/record_pruned_cell.py`."""
+its heatmap hold all 9 cells. Run once: `python experiments/two_knob/record_pruned_cell.py`. It applies to that
+legacy study database only (outputs/optuna/two_knob_grid-alfworld_heat-cpu.db, never committed and now gone);
+since the sweeper's fix (`pruner: null` is a NopPruner) a fresh sweep needs no such repair."""
 import os
 import sys
 
