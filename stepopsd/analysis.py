@@ -98,7 +98,8 @@ def _choices(run_dir: str) -> dict:
 def run_info(run_dir: str) -> dict:
     """What a run was: experiment, algorithm, seed, the StepOPSD knobs (None for GRPO; budget_clip None = budget
     off), task types, the data label and environment, the sweep trial number (None outside a sweep), and `arm`:
-    the algorithm plus its `algorithm.stepopsd.*` command-line overrides (e.g. `stepopsd budget_clip=null`)."""
+    the run's `arm` label when it has one (a study's run.sh sets it: `arm=lr0`), else the algorithm plus its
+    `algorithm.stepopsd.*` command-line overrides (e.g. `stepopsd budget_clip=null`)."""
     cfg, overrides = _yaml(run_dir, "config.yaml"), _yaml(run_dir, "overrides.yaml") or []
     # Hydra saves the config unresolved: `data.task_types: ['${task_type}']` for experiment=alfworld*; the nodes
     # read here resolve lazily (the rest may name Hydra's runtime, which does not exist here)
@@ -110,7 +111,7 @@ def run_info(run_dir: str) -> dict:
     with open(metrics_file(run_dir)) as f:
         header = f.readline().strip().split(",")
     return {"run_dir": run_dir, "experiment": choices.get("experiment"), "algorithm": algo,
-            "arm": " ".join([algo, *(set_knobs if algo == "stepopsd" else [])]), "seed": cfg["seed"],
+            "arm": cfg.get("arm") or " ".join([algo, *(set_knobs if algo == "stepopsd" else [])]), "seed": cfg["seed"],
             "alpha_clip": knobs.get("alpha_clip"), "lam0": knobs.get("lam0"), "budget_clip": knobs.get("budget_clip"),
             "task_types": ",".join(data["task_types"]), "val_splits": ",".join(data.get("val_splits") or []),
             "data": data_label(header),

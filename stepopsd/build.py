@@ -19,12 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from stepopsd.callbacks.advantages import AdvantageStage
 from stepopsd.callbacks.preemption import Preemption
+from stepopsd.callbacks.probe import CreditProbe
 from stepopsd.callbacks.progress import progress_bar
 from stepopsd.callbacks.rollouts import RolloutLogging, RolloutValidation
 from stepopsd.checkpoints import AtomicCheckpointIO, check_compatible, read_checkpoint
-from stepopsd.config import env_spec
+from stepopsd.config import check_probe, env_spec
 from stepopsd.data.datamodule import RolloutDataModule
-from stepopsd.estimators import Estimator, Services
+from stepopsd.estimators import Estimator, Services, estimator_names
 from stepopsd.launch import sharded, trainer_kwargs
 from stepopsd.memory import check_memory
 from stepopsd.module import GRPOModule, PPOConfig
@@ -32,6 +33,7 @@ from stepopsd.policy.backends.registry import get_backend
 from stepopsd.policy.loading import DTYPES, load_policy, load_tokenizer, random_policy, task_tokenizer
 from stepopsd.policy.sharding import ShardingConfig
 from stepopsd.policy.tiny import count_parameters
+from stepopsd.probe import probe_estimators
 from stepopsd.rollout import RolloutConfig
 from stepopsd.sft import TinySFTConfig, ensure_tiny_policy
 from stepopsd.sweep import trial_reporter
@@ -104,6 +106,14 @@ def peer_lines(cfg: DictConfig):
     return env_spec(cfg).peer_lines
 
 
+def credit_probe(cfg: DictConfig, run: "Run", services: Services) -> CreditProbe:
+    """The training-time credit probe on the first `probe.tasks` tasks of the first validation split."""
+    knobs = check_probe(cfg)
+    estimators = probe_estimators(list(knobs.estimators) or estimator_names(), OmegaConf.to_container(cfg.env, resolve=True))
+    tasks = next(iter(run.val_tasks.values()))[:knobs.tasks]
+    return CreditProbe(knobs, tasks, estimators, services, run.rollout_cfg, exact=env_spec(cfg).exact_credit(cfg))
+
+
 @dataclass(frozen=True)
 class Run:
     """Everything `build_trainer` wires together, built and checked by `stepopsd.train.train`: the config and
@@ -143,13 +153,15 @@ def build_trainer(run: Run):
     every = cfg.callbacks.checkpoint_every or cfg.training_steps
     checkpoints = os.path.join(cfg.paths.output_dir, "checkpoints")
     services = Services(tokenizer=tokenizer, temperature=ppo.temperature, peer_lines=peer_lines(cfg), frozen_dtype=frozen,
-                        anchor_similarity=cfg.env.anchor_similarity)
+                        anchor_similarity=cfg.env.anchor_similarity, exact_credit=env_spec(cfg).exact_credit(cfg))
     callbacks = [RolloutLogging(), AdvantageStage(run.estimator, services), validation,
                  Preemption(checkpoints, requeue=cfg.callbacks.requeue),
                  ModelCheckpoint(dirpath=checkpoints, filename="step{train_step:04.0f}",
                                  auto_insert_metric_name=False, every_n_epochs=every, save_top_k=cfg.callbacks.keep_checkpoints,
                                  save_last=True, save_on_train_epoch_end=True),
                  progress_bar(cfg.callbacks.progress_bar)]
+    if cfg.probe.every:  # the credit probe every N training steps (stepopsd/probe.py)
+        callbacks.append(credit_probe(cfg, run, services))
     if run.ckpt_path is not None and not sharded(cfg.trainer):  # another model or algorithm: one line, not a page
         check_compatible(read_checkpoint(run.ckpt_path, mmap=True), run.ckpt_path, module, run.estimator.name)
     trainer = L.Trainer(max_epochs=cfg.training_steps, limit_train_batches=1, logger=instantiate(cfg.logger), callbacks=callbacks,

@@ -19,7 +19,9 @@ from stepopsd.callbacks.rollouts import metric_prefix
 from stepopsd.checkpoints import CheckpointError, last_good_checkpoint, read_checkpoint, remove_torn, steps_done, trim_metrics
 from stepopsd.errors import UserError
 from stepopsd.envs.registry import EnvSpec, get_env
-from stepopsd.estimators import Estimator, build_estimator
+from stepopsd.estimators import Estimator, build_estimator, estimator_names, get_estimator
+from stepopsd.estimators.teacher_shaped import TeacherShaped
+from stepopsd.hindsight import SKILL_ENVS
 from stepopsd.launch import launch, sharded, world_size_mismatch
 from stepopsd.policy.backends.base import SamplingParams
 from stepopsd.policy.backends.registry import get_backend, set_backend_options
@@ -35,6 +37,19 @@ from stepopsd.types import Task
 
 class ConfigError(UserError, ValueError):
     """A bad knob, caught before any work starts."""
+
+
+def check_probe(cfg: DictConfig):
+    """The credit probe's knobs (`probe.*`, `stepopsd.probe.ProbeConfig`) and the estimators it compares: one line."""
+    from stepopsd.probe import ProbeConfig
+
+    try:
+        knobs = ProbeConfig(**OmegaConf.to_container(cfg.probe, resolve=True))
+        for name in knobs.estimators:
+            get_estimator(name)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    return knobs
 
 
 def check_config(cfg: DictConfig) -> tuple[PPOConfig, Estimator, RolloutConfig]:
@@ -74,6 +89,11 @@ def check_config(cfg: DictConfig) -> tuple[PPOConfig, Estimator, RolloutConfig]:
         estimator = build_estimator(OmegaConf.to_container(cfg.algorithm, resolve=True))
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
+    check_teacher_context(cfg, estimator)
+    if getattr(estimator, "needs_exact_credit", False) and spec.exact_credit(cfg) is None:
+        raise ConfigError(f"algorithm={cfg.algorithm.name} needs each step's exact credit, which env={cfg.env.name} does "
+                          "not know: use env=credit (experiment=credit_early or credit_spread)")
+    check_probe(cfg)
     check_precision(cfg)
     check_model(cfg)
     r = cfg.rollout
@@ -121,6 +141,25 @@ def vllm_config(cfg: DictConfig) -> VLLMConfig:
     except ImportError as e:
         raise ValueError(str(e).splitlines()[0]) from None
     return config
+
+
+def check_teacher_context(cfg: DictConfig, estimator: Estimator) -> None:
+    """`algorithm.teacher.context` against the run (one line each): SDAR's skill documents (`skills`) need a
+    teacher-shaped estimator, an environment whose task types map to documents (`stepopsd.hindsight.SKILL_ENVS`; any
+    environment with `skill_all`) and a document for every task type of the training data; the folder itself was
+    read when the estimator was built. Binds the environment to the estimator (its task types' documents)."""
+    t, name, env = cfg.algorithm.teacher, cfg.algorithm.name, cfg.env.name
+    if not isinstance(estimator, TeacherShaped):
+        if t.context != "hindsight" or t.skills_dir or t.skill_all:
+            shaped = [n for n in estimator_names() if issubclass(get_estimator(n), TeacherShaped)]
+            raise ConfigError(f"algorithm.teacher.context={t.context}: algorithm={name} has no teacher (the teacher's "
+                              f"context is a knob of {', '.join(shaped)})")
+        return
+    try:
+        types = SKILL_ENVS[env].task_types(cfg) if t.context == "skills" and env in SKILL_ENVS else None
+        estimator.bind_env(env, types)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
 
 
 MIXED = ("bf16-mixed", "32-true", "32", 32)  # trainer precisions that keep fp32 master weights under our manual update

@@ -8,6 +8,7 @@ and Hydra composes conf/ on top of them. A YAML file under conf/ holds only what
     env                       the environment's `config` (stepopsd/envs/<name>/)   schema/env/<name>
     trainer.fsdp              stepopsd.policy.sharding.ShardingConfig              schema/sharding
     model.sft (tiny policy)   stepopsd.sft.TinySFTKnobs                            schema/tiny_sft
+    probe                     stepopsd.probe.ProbeConfig (the credit probe)        schema/probe
 
 A YAML file takes its schema in its defaults list (`- /schema/algorithm@_here_: grpo`), so a misspelt knob
 (`algorithm.ppo.l=1`) or a wrong type (`algorithm.ppo.lr=fast`) is Hydra's own composition error, printed as one line
@@ -28,6 +29,7 @@ from stepopsd.envs.registry import env_names, get_env
 from stepopsd.errors import UserError
 from stepopsd.estimators import estimator_names, get_estimator
 from stepopsd.policy.sharding import ShardingConfig
+from stepopsd.probe import ProbeConfig
 from stepopsd.rollout import RolloutKnobs
 from stepopsd.sft import TinySFTKnobs
 
@@ -70,12 +72,13 @@ def register_schemas() -> None:
     store.store(group="schema", name="rollout", node=schema_node(RolloutKnobs))
     store.store(group="schema", name="sharding", node=schema_node(ShardingConfig))
     store.store(group="schema", name="tiny_sft", node=schema_node(TinySFTKnobs))
+    store.store(group="schema", name="probe", node=schema_node(ProbeConfig))
 
 
 def bound_schemas(cfg: DictConfig) -> dict[str, DictConfig]:
     """The schema each schema'd node of a composed run config must fit, by its key (an unregistered algorithm or
     environment name is left to its own check: one line listing the registered ones)."""
-    out = {"rollout": schema_node(RolloutKnobs)}
+    out = {"rollout": schema_node(RolloutKnobs), "probe": schema_node(ProbeConfig)}
     if cfg.algorithm.name in estimator_names():
         out["algorithm"] = algorithm_schema(cfg.algorithm.name)
     if cfg.env.name in env_names():

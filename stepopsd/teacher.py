@@ -19,7 +19,7 @@ from stepopsd.policy.logprobs import left_align, tail_logprobs
 
 
 class TeacherContextError(ValueError):
-    """A hindsight context longer than the teacher model accepts."""
+    """A teacher context longer than the teacher model accepts."""
 
 
 class TeacherSnapshot:
@@ -73,18 +73,24 @@ def copy_full_weights(state: dict, model: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], tokenizer, *, pad_id: int,
-                            temperature: float = 1.0, micro_batch: int = 16) -> torch.Tensor:
+                            temperature: float = 1.0, micro_batch: int = 16, before: str = "target") -> torch.Tensor:
     """log π_T(target token | c^T, earlier target tokens) in batch coordinates [N, L] (0 off-target),
     on the batch's device. The teacher contexts are assembled on the host, scored on the teacher's device,
     `micro_batch` at a time, grouped by length (`micro_batches`, longest first) so that each pass pads its
     rows to a similar width: the contexts differ by hundreds of tokens (a failed row's block holds a
-    successful peer's steps), and in batch order every pass was padded to about the longest context."""
-    ti = teacher_inputs(batch.step_ids.cpu(), batch.input_ids.cpu(), batch.row_traj.cpu(), blocks, tokenizer, pad_id=pad_id)
+    successful peer's steps), and in batch order every pass was padded to about the longest context. `blocks`: one
+    per trajectory, inserted `before` each row's target (hindsight, Eq. 3) or its prompt (SDAR's skill documents)."""
+    ti = teacher_inputs(batch.step_ids.cpu(), batch.input_ids.cpu(), batch.row_traj.cpu(), blocks, tokenizer,
+                        pad_id=pad_id, before=before)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit and len(ti.rows) and (longest := int(ti.attention_mask.sum(1).max())) > limit:
-        raise TeacherContextError(f"a hindsight context of {longest} tokens is longer than the teacher allows "
-                                  f"({limit}, max_position_embeddings): lower algorithm.stepopsd.peer_budget_tokens "
-                                  "or rollout.max_prompt_tokens")
+        if before == "target":
+            raise TeacherContextError(f"a hindsight context of {longest} tokens is longer than the teacher allows "
+                                      f"({limit}, max_position_embeddings): lower algorithm.stepopsd.peer_budget_tokens "
+                                      "or rollout.max_prompt_tokens")
+        raise TeacherContextError(f"a skill-document context of {longest} tokens is longer than the teacher allows "
+                                  f"({limit}, max_position_embeddings): shorten the documents in "
+                                  "algorithm.teacher.skills_dir or lower rollout.max_prompt_tokens")
     out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
     device = next(model.parameters()).device
     parts = micro_batches(torch.arange(len(ti.rows)), ti.attention_mask.sum(1), rows=micro_batch) if len(ti.rows) else []
@@ -107,18 +113,24 @@ def teacher_target_logprobs(model, batch: RolloutBatch, blocks: list[str], token
 
 def rescore(batch: RolloutBatch, teacher: torch.nn.Module, tokenizer, cfg: StepOPSDConfig, step: int, *,
             pad_id: int, temperature: float = 1.0, student_logp: torch.Tensor | None = None,
-            micro_batch: int = 16, peer_lines=alfworld_peer_lines, budget_on: str = "advantage"
-            ) -> tuple[torch.Tensor, dict]:
+            micro_batch: int = 16, peer_lines=alfworld_peer_lines, budget_on: str = "advantage",
+            context=None) -> tuple[torch.Tensor, dict]:
     """Shaped advantages [N, L] (Eq. 6-12) and diagnostics. `student_logp` defaults to the rollout's; `budget_on`:
-    what the per-step budget equalises (`shape_advantages`)."""
+    what the per-step budget equalises (`shape_advantages`); `context`: None, the hindsight blocks (Eq. 3), or a
+    callable giving (one block per trajectory, where it goes: `teacher_target_logprobs`'s `before`) for the batch's
+    trajectories (`algorithm.teacher.context=skills`), called only when the teacher runs."""
     lam = cfg.lam(step)
     target = (batch.step_ids >= 0) & (batch.loss_mask > 0)
     metrics = {"stepopsd/lambda": lam, "stepopsd/target_token_frac": target.sum().item() / max(1.0, batch.loss_mask.sum().item())}
     if lam == 0.0:  # exactly GRPO: no teacher pass at all
         return batch.advantages.clone(), metrics
-    blocks = hindsight_blocks(batch.trajectories, tokenizer, peer_budget=cfg.peer_budget_tokens, serialise=peer_lines)
+    if context is None:
+        blocks, before = hindsight_blocks(batch.trajectories, tokenizer, peer_budget=cfg.peer_budget_tokens,
+                                          serialise=peer_lines), "target"
+    else:
+        blocks, before = context(batch.trajectories)
     teacher_logp = teacher_target_logprobs(teacher, batch, blocks, tokenizer, pad_id=pad_id,
-                                           temperature=temperature, micro_batch=micro_batch)
+                                           temperature=temperature, micro_batch=micro_batch, before=before)
     student = batch.rollout_logp if student_logp is None else student_logp
     delta = token_gap(teacher_logp, student, target)  # Eq. 4
     step_ids = torch.where(target, batch.step_ids, -1)  # targets inside the loss mask only

@@ -1,5 +1,6 @@
 """Every `algorithm=` value of conf/algorithm/ that has no end-to-end test of its own runs 2 training steps of the CPU
-ALFWorld job through `train.py` (grpo and stepopsd: tests/test_train_e2e.py; gigpo: tests/test_gigpo.py)."""
+ALFWorld job through `train.py` (grpo and stepopsd: tests/test_train_e2e.py; gigpo: tests/test_gigpo.py; oracle, which
+needs an environment that knows each step's exact credit: tests/test_credit_env.py)."""
 import glob
 import os
 
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from helpers.runs import ROOT, run_train, tiny_overrides, train_rows
 
-OWN_TESTS = {"grpo", "stepopsd", "gigpo"}
+OWN_TESTS = {"grpo", "stepopsd", "gigpo", "oracle"}  # oracle: the credit env's (tests/test_credit_env.py)
 ALGORITHMS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "algorithm")) if f[:-5] not in OWN_TESTS)
 SIGNATURE = {"rlsd": "rlsd/lambda", "sdar": "actor/distill_loss", "opsd": "actor/distill_loss",
              "grpo_opsd": "actor/distill_loss"}  # a metric only that estimator logs

@@ -5,7 +5,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from stepopsd.config import ConfigError, check_config
+from stepopsd.config import ConfigError, check_config, env_spec
+from stepopsd.estimators import get_estimator
 
 from helpers.configs import CONF, cfg_of
 
@@ -30,7 +31,11 @@ def test_every_experiment_composes_and_its_knobs_check(experiment, machine, algo
         assert group in cfg, group
         if group not in ("logger", "paths"):  # those need Hydra's runtime (the run directory)
             OmegaConf.to_container(cfg[group], resolve=True)  # every interpolation resolves
-    if machine == "cpu":
+    if machine == "cpu" and getattr(get_estimator(algorithm), "needs_exact_credit", False) \
+            and env_spec(cfg).exact_credit(cfg) is None:  # the oracle outside the credit env: one line
+        with pytest.raises(ConfigError, match=f"algorithm={algorithm} needs each step's exact credit"):
+            check_config(cfg)
+    elif machine == "cpu":
         ppo, estimator, rollout_cfg = check_config(cfg)
         assert cfg.model.kind == "tiny" and cfg.data.generate is not None and not cfg.require_gpu
         assert estimator.name == algorithm  # algorithm=<name> picks the registered estimator of that name

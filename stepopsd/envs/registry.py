@@ -51,6 +51,12 @@ class EnvSpec:
     config: type = EnvConfig  # the schema of its `env` config node: knobs, types, defaults
     hindsight_demonstrations: bool = False  # its `demonstrations` add teacher-format records (`sft.hindsight_examples`)
 
+    def exact_credit(self, cfg):
+        """None, or `credit(trajectory, step, first_actions) -> (exact advantage, pivotal)`: the exact credit of a
+        step of this environment's trajectory under the policy whose actions at that state were `first_actions`
+        (sampled, None for an invalid one), for the credit probe (`stepopsd.probe`)."""
+        return None
+
     def check(self, cfg) -> None:
         """The environment's own knobs (`cfg.env`), before any work: ValueError, one line."""
 

@@ -61,6 +61,7 @@ class Services:
     peer_lines: Callable | None = None  # the environment's peer serialisation for hindsight blocks (spec §6)
     frozen_dtype: torch.dtype | None = None  # dtype of frozen copies (a teacher snapshot)
     anchor_similarity: float = 1.0  # the environment's `env.anchor_similarity` (GiGPO's anchor-state groups)
+    exact_credit: Callable | None = None  # the environment's exact per-step credit, when it has one (the oracle)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,16 @@ class Context:
 
 @dataclass
 class TeacherKnobs:
-    micro_batch_rows: int = 8  # hindsight-context rows per teacher forward pass (no grad), for teacher-shaped estimators
+    """The teacher of the teacher-shaped estimators (stepopsd, rlsd, sdar, opsd, grpo_opsd; docs/estimators.md)."""
+
+    micro_batch_rows: int = 8  # teacher-context rows per teacher forward pass (no grad), for teacher-shaped estimators
+    # what the teacher reads besides the student's context (stepopsd.hindsight): hindsight, StepOPSD's block before the
+    # step's target (the outcome, a successful peer; StepOPSD's method is defined with it), or skills, SDAR's: the
+    # skill document of the trajectory's task type before the whole prompt, from `skills_dir`
+    context: str = "hindsight"
+    skills_dir: str | None = None  # context=skills: a folder in SDAR's layout (skill_mapping.json and the documents
+    # it names), e.g. SDAR's skills/alfworld or skills/search, or one of your own
+    skill_all: bool = False  # context=skills: every document for every task type (SDAR's skill_all)
 
 
 @dataclass

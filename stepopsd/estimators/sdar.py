@@ -11,9 +11,11 @@ opsd       OPSD: that term alone (the PPO surrogate's coefficient 0), β = 5.
 grpo_opsd  GRPO+OPSD: GRPO plus the term with β = 0 (a constant gate 1/2), as SDAR's scripts define it.
 
 Where we depart from SDAR's code (docs/estimators.md):
-- the teacher's privileged context: SDAR prepends hand-written skill documents per task type; here it is StepOPSD's
-  hindsight block (outcome, and a successful peer for a failed member), inserted before the step's target (Eq. 3),
-  so that every teacher-shaped row of the comparison reads the same context;
+- the teacher's privileged context: by default StepOPSD's hindsight block (outcome, and a successful peer for a failed
+  member), inserted before the step's target (Eq. 3), so that every teacher-shaped row of the comparison reads the
+  same context; SDAR's own, hand-written skill documents per task type before the prompt, is
+  `algorithm.teacher.context=skills algorithm.teacher.skills_dir=<a folder in SDAR's layout>`
+  (`stepopsd.hindsight.SkillDocs`);
 - the tokens: Δ and the term are taken on the step's target span (`env.target_span`; SDAR: the whole response; the
   two agree under `env.target_span=full_step`);
 - the teacher: the live policy at the start of the update (`teacher_refresh: 0`), SDAR's rollout-time π_old; a

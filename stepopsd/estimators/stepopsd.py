@@ -45,7 +45,8 @@ class StepOPSD(TeacherShaped):
             dataclasses.replace(batch, advantages=base.tokens), teacher, s.tokenizer, self.knobs, step,
             pad_id=s.tokenizer.pad_token_id, temperature=s.temperature, micro_batch=self.micro_batch,
             peer_lines=s.peer_lines or alfworld_peer_lines,
-            budget_on="multiplier" if self.base.step_level else "advantage"))
+            budget_on="multiplier" if self.base.step_level else "advantage",
+            context=self.skill_context if self.skills is not None else None))  # None: hindsight (Eq. 3)
         if scored is None:
             return Advantages(base.tokens, base.trajectories, base.metrics | metrics | {"stepopsd/lambda": self.knobs.lam(step)})
         shaped, shaping = scored

@@ -1,9 +1,12 @@
 """What every teacher-shaped estimator shares (StepOPSD, and SDAR's RLSD / SDAR / OPSD / GRPO+OPSD baselines): a base
-estimator whose advantages it starts from (`algorithm.base`), the hindsight teacher (a stale snapshot of the policy
-refreshed every `teacher_refresh` training steps, or the live policy with 0; `stepopsd.teacher.TeacherSnapshot`),
-its state in checkpoints, and one way to fail: a batch whose teacher pass fails (a hindsight context longer than the
-teacher allows, out of memory) trains on the base estimator's advantages, with a warning, counted in
-`<name>/rescoring_failed`; under several ranks a failure on any rank makes every rank fall back for that batch.
+estimator whose advantages it starts from (`algorithm.base`), the teacher (a stale snapshot of the policy
+refreshed every `teacher_refresh` training steps, or the live policy with 0; `stepopsd.teacher.TeacherSnapshot`) and
+what it reads (`algorithm.teacher.context`: the hindsight block before the step's target, Eq. 3, or SDAR's skill
+document of the task type before the prompt, `stepopsd.hindsight.SkillDocs`; the skills folder is read when the
+estimator is built, and `bind_env` checks it against the run's environment and task types, from
+`stepopsd.config.check_config`), its state in checkpoints, and one way to fail: a batch whose teacher pass fails (a
+teacher context longer than the teacher allows, out of memory) trains on the base estimator's advantages, with a
+warning, counted in `<name>/rescoring_failed`; under several ranks a failure on any rank makes every rank fall back for that batch.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from stepopsd.estimators import Context, Estimator, Services, build_estimator, g
 from stepopsd.estimators.gigpo import GiGPOKnobs
 from stepopsd.estimators.outcome import GRPOConfig
 from stepopsd.faults import maybe_kill
-from stepopsd.hindsight import alfworld_peer_lines, hindsight_blocks
+from stepopsd.hindsight import CONTEXTS, SkillDocs, alfworld_peer_lines, hindsight_blocks, skill_blocks
 from stepopsd.teacher import TeacherSnapshot, teacher_target_logprobs
 
 log = logging.getLogger(__name__)
@@ -46,19 +49,37 @@ def base_estimator(algorithm: Mapping, name: str) -> Estimator:
 class TeacherShaped(Estimator):
     """`knobs`: the estimator's own (`StepOPSDConfig`, `RLSDKnobs`, `SDARKnobs`: each has `teacher_refresh`)."""
 
-    def __init__(self, knobs, base: Estimator, *, micro_batch: int = 8):
+    def __init__(self, knobs, base: Estimator, *, micro_batch: int = 8, context: str = "hindsight",
+                 skills_dir: str | None = None, skill_all: bool = False):
         if micro_batch < 1:
             raise ValueError(f"algorithm.teacher.micro_batch_rows={micro_batch}: need >= 1")
+        if context not in CONTEXTS:
+            raise ValueError(f"algorithm.teacher.context={context}: use {' or '.join(CONTEXTS)}")
+        if context != "skills" and (skills_dir or skill_all):
+            raise ValueError(f"algorithm.teacher.skills_dir / skill_all are read with algorithm.teacher.context=skills "
+                             f"only (this run: context={context})")
         self.knobs, self.base = knobs, base
         self.teacher_refresh = knobs.teacher_refresh
-        self.micro_batch = micro_batch  # hindsight-context rows per teacher forward pass
+        self.micro_batch = micro_batch  # teacher-context rows per teacher forward pass
+        self.context = context
+        self.skills = SkillDocs.load(skills_dir, skill_all) if context == "skills" else None  # SkillsError: one line
+        self.env: str | None = None  # the run's environment (`bind_env`): how task types find their documents
         self.services = Services()
         self.teacher: TeacherSnapshot | None = None
 
     @classmethod
     def from_config(cls, algorithm: Mapping) -> "TeacherShaped":
+        teacher = algorithm.get("teacher", {})
         return cls(cls.knobs_from(algorithm), base_estimator(algorithm, cls.__name__),
-                   micro_batch=algorithm.get("teacher", {}).get("micro_batch_rows", 8))
+                   micro_batch=teacher.get("micro_batch_rows", 8), context=teacher.get("context", "hindsight"),
+                   skills_dir=teacher.get("skills_dir"), skill_all=teacher.get("skill_all", False))
+
+    def bind_env(self, env: str, task_types=None) -> None:
+        """The run's environment, and the task types of its training data (None: not known before loading): with
+        `context=skills`, each must have its skill document (`SkillsError`, one line), before any work."""
+        self.env = env
+        if self.skills is not None:
+            self.skills.check(env, task_types)
 
     @classmethod
     def knobs_from(cls, algorithm: Mapping):
@@ -95,13 +116,23 @@ class TeacherShaped(Estimator):
                    f"{self.name}/rescoring_failed": float(error is not None)}
         return result, error, metrics
 
+    def skill_context(self, trajectories) -> tuple[list[str], str]:
+        """`context=skills`: each trajectory's skill block and where it goes (before the prompt)."""
+        if self.env is None:
+            raise RuntimeError("algorithm.teacher.context=skills: the run's environment is not bound (bind_env)")
+        return skill_blocks(trajectories, self.skills, self.env), "prompt"
+
     def teacher_logprobs(self, batch: RolloutBatch, teacher, peer_budget: int):
-        """log π_T of every target token under its trajectory's hindsight block (Eq. 2-3), [N, L] (0 elsewhere)."""
+        """log π_T of every target token under its trajectory's teacher context, [N, L] (0 elsewhere): the hindsight
+        block before the target (Eq. 2-3), or with `context=skills` the skill block before the prompt."""
         s = self.services
-        blocks = hindsight_blocks(batch.trajectories, s.tokenizer, peer_budget=peer_budget,
-                                  serialise=s.peer_lines or alfworld_peer_lines)
+        if self.skills is None:
+            blocks, before = hindsight_blocks(batch.trajectories, s.tokenizer, peer_budget=peer_budget,
+                                              serialise=s.peer_lines or alfworld_peer_lines), "target"
+        else:
+            blocks, before = self.skill_context(batch.trajectories)
         return teacher_target_logprobs(teacher, batch, blocks, s.tokenizer, pad_id=s.tokenizer.pad_token_id,
-                                       temperature=s.temperature, micro_batch=self.micro_batch)
+                                       temperature=s.temperature, micro_batch=self.micro_batch, before=before)
 
     def state_dict(self) -> dict:
         return {"teacher": self.teacher.state_dict() if self.teacher else None}
