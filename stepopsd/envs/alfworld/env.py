@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 from stepopsd.envs.alfworld.engine import AlfWorldEngine
 from stepopsd.errors import UserError
-from stepopsd.envs.alfworld.prompts import action_span, parse_action, render_prompt, step_reward
+from stepopsd.envs.alfworld.prompts import parse_action, render_prompt, step_reward, target_chars
 from stepopsd.envs.alfworld.tasks import GENERATED_KEY, SHORT_NAMES, SPLITS, TASK_TYPES, resolve_task_types, task_type_of
 from stepopsd.envs.workers import EnvWorkerPool
 from stepopsd.envs.slots import SlotEnv
@@ -149,12 +149,7 @@ class AlfWorldEnv(SlotEnv):
 
     def target_chars(self, response: str, mode: str = "action_only") -> tuple[int, int] | None:
         """Character span of the step target Z_k in a response (spec §5); None: no target (Δ = 0)."""
-        span = action_span(response, require_think=self.require_think)
-        if mode == "action_only":
-            return span
-        if mode == "full_step":
-            return (0, len(response)) if span else None
-        raise ValueError(f"target mode {mode!r} does not apply to ALFWorld: use action_only or full_step")
+        return target_chars(response, mode, require_think=self.require_think)
 
     def step(self, responses: Mapping[int, str]) -> dict[int, Transition]:
         """One agent step for the given live slots (slot -> model response text)."""

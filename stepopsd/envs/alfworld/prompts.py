@@ -52,6 +52,17 @@ def action_span(text: str, *, require_think: bool = False) -> tuple[int, int] | 
     return m.span() if m else None
 
 
+def target_chars(text: str, mode: str, *, require_think: bool = False, env: str = "ALFWorld") -> tuple[int, int] | None:
+    """Character span of the step target Z_k in a response of an `<action>`-protocol environment (spec §5): the
+    action block (`action_only`) or the whole response (`full_step`), None for an invalid step."""
+    span = action_span(text, require_think=require_think)
+    if mode == "action_only":
+        return span
+    if mode == "full_step":
+        return (0, len(text)) if span else None
+    raise ValueError(f"target mode {mode!r} does not apply to {env}: use action_only or full_step")
+
+
 def _valid_action_match(text: str, require_think: bool) -> re.Match | None:
     m = _ACTION_RE.search(text)
     if m is None or not m.group(1).strip():
