@@ -67,10 +67,11 @@ def train_command(overrides: list[str], steps: int, run_dir: str) -> list[str]:
 
 
 def known_arms() -> dict[str, list[str]]:
-    """Arm name -> its Hydra overrides: every registered estimator, then the extra arms whose estimators exist."""
-    from stepopsd.estimators import estimator_names
+    """Arm name -> its Hydra overrides: every registered estimator that runs on ALFWorld (not the oracle, which needs
+    an environment that knows each step's exact credit), then the extra arms whose estimators exist."""
+    from stepopsd.estimators import estimator_names, get_estimator
 
-    names = estimator_names()
+    names = [n for n in estimator_names() if not getattr(get_estimator(n), "needs_exact_credit", False)]
     arms = {n: [f"algorithm={n}"] for n in sorted(names, key=lambda n: (n != BASELINE, n))}
     for arm, overrides in EXTRA_ARMS.items():
         if all(o.split("=", 1)[1] in names for o in overrides if o.startswith(("algorithm=", "algorithm.base="))):
