@@ -21,14 +21,14 @@ import torch
 
 from stepopsd.envs.alfworld.demos import DEMO_FORMAT  # in every cache key (Search-QA's too), as before
 from stepopsd.envs.registry import env_names, get_env
-from stepopsd.hindsight import hindsight_text
+from stepopsd.hindsight import fit_from_front, hindsight_text
 from stepopsd.policy.tiny import build_tiny_policy, count_parameters
 from stepopsd.policy.tokenizer import train_word_tokenizer
 from stepopsd.progress import Progress
 from stepopsd.rollout import encode_prompt
 
 
-NEWER_FIELDS = {"chat_template_kwargs": {}, "demo_repeat": 0.0}  # left out of the cache key at these values
+NEWER_FIELDS = {"chat_template_kwargs": {}, "demo_repeat": 0.0, "hindsight_examples": 0.0}  # left out of the cache key at these values
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,10 @@ class TinySFTKnobs:
     lr: float = 3e-3
     batch_size: int = 16
     max_tokens: int = 768
-    demo_epsilon: float = 0.1  # random admissible detours per demo step
+    demo_epsilon: float = 0.1  # ALFWorld: random admissible detours per demo step; credit: share of demo episodes that lose
     demo_repeat: float = 0.0  # ALFWorld: probability of an inadmissible repeat of the last command (recovery in the demos)
     episodes_per_game: int = 1  # epsilon-episodes per training game (different random detours)
+    hindsight_examples: float = 0.0  # share of demo steps also given in the teacher's hindsight format (envs that make them)
     bucket_by_length: bool = False  # batches of similar lengths: faster, but each batch then holds similar steps
     seed: int = 0
 
@@ -70,6 +71,12 @@ class TinySFTConfig(TinySFTKnobs):
         if not (0.0 <= self.demo_epsilon < 1.0 and 0.0 <= self.demo_repeat < 1.0):
             raise ValueError(f"sft: demo_epsilon={self.demo_epsilon} and demo_repeat={self.demo_repeat} are probabilities "
                              "per demonstration step: each must be in [0, 1)")
+        if not 0.0 <= self.hindsight_examples <= 1.0:
+            raise ValueError(f"sft: hindsight_examples={self.hindsight_examples} is a share of the demonstration steps: "
+                             "use a value in [0, 1]")
+        if self.hindsight_examples and not get_env(self.env).hindsight_demonstrations:
+            raise ValueError(f"sft: hindsight_examples={self.hindsight_examples}: env={self.env!r}'s demonstrations "
+                             "have no hindsight examples; use 0")
         object.__setattr__(self, "task_types", tuple(self.task_types))
 
     def key(self) -> str:
@@ -83,13 +90,21 @@ class TinySFTConfig(TinySFTKnobs):
 
 
 def sft_examples(records: list[dict], tokenizer, cfg: TinySFTConfig) -> list[tuple[list[int], int]]:
-    """(ids, response start) per demonstration step: chat-wrapped prompt + response + eos."""
+    """(ids, start of the trained tokens) per demonstration step: chat-wrapped prompt + response + eos, trained on the
+    response. A record with `hindsight` is in the teacher's format (`stepopsd.hindsight`, Eq. 3): prompt + the response
+    before its target span + the hindsight block + the target span, trained on the target span only."""
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     out = []
     for r in records:
         prompt, _ = encode_prompt(tokenizer, r["prompt"], chat_template=cfg.chat_template, max_tokens=cfg.max_tokens // 2,
                                   template_kwargs=cfg.chat_template_kwargs)
-        response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append((prompt + response, len(prompt)))
+        if "hindsight" in r:
+            (start, end), h = r["target"], r["hindsight"]
+            peer = fit_from_front(h["peer"], tokenizer, cfg.max_tokens // 2) if h["peer"] is not None else None
+            head = prompt + ids(r["response"][:start]) + ids(hindsight_text(h["success"], peer))
+            out.append((head + ids(r["response"][start:end]), len(head)))
+            continue
+        out.append((prompt + ids(r["response"]) + [tokenizer.eos_token_id], len(prompt)))
     return out
 
 

@@ -49,7 +49,7 @@ def test_every_experiment_composes_and_its_knobs_check(experiment, machine, algo
         assert (cfg.model.dtype, cfg.model.frozen_dtype, cfg.trainer.precision) == ("float32", "bfloat16", "bf16-mixed")
         assert cfg.algorithm.ppo.mini_batch_rows == 256 and 0 < cfg.algorithm.ppo.micro_batch_rows < 256
         assert cfg.model.gradient_checkpointing and cfg.model.init == "pretrained"
-        assert cfg.val_tasks is None if experiment.startswith("alfworld") else cfg.val_tasks == 500
+        assert cfg.val_tasks == 500 if experiment.startswith("searchqa") else cfg.val_tasks is None
         if entry == "eval":
             assert cfg.eval.split == cfg.data.val_splits[0]
 
