@@ -217,3 +217,28 @@ def test_the_oracle_is_refused_where_the_environment_has_no_exact_credit():
 
     with pytest.raises(ConfigError, match="algorithm=oracle needs each step's exact credit, which env=alfworld"):
         check_config(heat_cpu_cfg("algorithm=oracle"))
+
+
+def test_the_probe_command_runs_on_alfworld_by_replay(generated_games, tmp_path_factory):
+    """`python probe.py` end to end on the CPU ALFWorld job (tiny policy, 1 task x 2, 3 steps probed with 2
+    continuations each, replayed in the engine): the table and probe.json with every probed step."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers.runs import ROOT, tiny_overrides
+
+    cache = tmp_path_factory.getbasetemp() / "tiny-cache"  # the other e2e tests' SFT, built once
+    out = tmp_path_factory.mktemp("probe-cli")
+    proc = subprocess.run([sys.executable, "probe.py", "experiment=alfworld_heat", "machine=cpu",
+                           *tiny_overrides(str(generated_games[0]), cache, out), "probe.steps=3",
+                           "probe.continuations=2", "probe.tasks=1", "probe.estimators=[grpo,gigpo]"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[generated data] credit probe: 3 steps" in proc.stdout and "| gigpo |" in proc.stdout
+    saved = json.loads((out / "probe.json").read_text())
+    assert saved["data"] == "generated" and len(saved["steps"]) == 3
+    assert set(saved["steps"][0]["credit"]) == {"grpo", "gigpo"} and "probe/grpo/spearman" in saved["metrics"]
+    bad = subprocess.run([sys.executable, "probe.py", "experiment=alfworld_heat", "machine=cpu",
+                          "probe.estimators=[grpo,nope]"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
