@@ -15,7 +15,7 @@ import json
 import os
 from collections import defaultdict
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from stepopsd.policy.loading import load_policy
 from stepopsd.rollout import rollout
